@@ -1,0 +1,245 @@
+"""Triton INT8 GEMM with the dequantization epilogue fused: `y = (A·Bᵀ) * s_x[m] * s_w (+ bias)`.
+
+A: int8 codes `[M, K]` (the quantized activation), B: the int8 weight `[N, K]` read in place as the K-major
+`Bᵀ` (no copy; on Hopper int8 wgmma needs both operands K-major, which this is).  int32 accumulation by
+`tl.dot`, fp32 epilogue in the oracle's order (`quant.int8._gemm_dequant`): `acc * s_w`, then `* s_x`, then
+`+ bias`, stored as bf16/fp16/fp32.  Weight scales: tensor (scalar), row `[N]` or group `[N, K/g]`; for
+groups the int32 partial dot of each K-group is folded into an fp32 accumulator inside the K loop
+(`acc_f += acc_g * s_w[n, group]`), so BLOCK_K divides g.
+
+Numerics: acc is exact; the epilogue is the oracle's sequence of fp32 operations, but the compiler may fuse a
+multiply-add into one FMA (one rounding fewer), so fp32 outputs agree with the oracle to ~1 ulp (a few ulps of
+the largest partial for group scales); bf16/fp16 outputs to 1 ulp of the output type.
+
+Dispatch: one `@triton.jit` kernel; autotuned wrappers are built lazily per (architecture class, scale mode,
+group size, small-M) from short explicit config lists, keyed on (M bucket, N, K) where the M bucket is the
+next power of two of M, capped, so videos of different lengths do not re-tune.  `set_config_override`
+replaces every list (tests use one tiny config; the CPU interpreter is slow).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import triton
+import triton.language as tl
+
+M_BUCKET_CAP = 8192
+SMALL_M = 64
+SW_TENSOR, SW_ROW, SW_GROUP = 0, 1, 2
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
+                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
+                      SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row-tiles sweep N together so their B tiles stay in L2
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # wrap out-of-range rows/cols onto valid ones (loads stay in bounds, stores are masked)
+    offs_am = tl.where(offs_m < M, offs_m, 0)
+    offs_bn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_bn[None, :] * stride_bn + offs_k[:, None].to(tl.int64) * stride_bk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if SW_MODE == 2:
+        SUB: tl.constexpr = GROUP_K // BLOCK_K
+        acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sw_ptrs = sw_ptr + offs_bn * stride_sw
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if SW_MODE == 2:
+            if SUB == 1:
+                acc_f += acc.to(tl.float32) * tl.load(sw_ptrs + kb)[None, :]
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            else:
+                if (kb + 1) % SUB == 0:
+                    acc_f += acc.to(tl.float32) * tl.load(sw_ptrs + kb // SUB)[None, :]
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if SW_MODE == 2:
+        y = acc_f
+    elif SW_MODE == 1:
+        y = acc.to(tl.float32) * tl.load(sw_ptr + offs_bn)[None, :]
+    else:
+        y = acc.to(tl.float32) * tl.load(sw_ptr + tl.zeros([BLOCK_N], dtype=tl.int32))[None, :]
+    y = y * tl.load(sx_ptr + offs_am)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# configurations
+
+def _c(bm, bn, bk, warps, stages, gm=8):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+
+
+# Hopper (sm_90): int8 wgmma; 228 KB shared memory. 128x256x128 at 3 stages = 144 KB.
+_HOPPER = [_c(128, 256, 128, 8, 3), _c(256, 128, 128, 8, 3), _c(128, 128, 128, 8, 4), _c(128, 128, 128, 4, 4),
+           _c(128, 256, 64, 8, 4), _c(64, 256, 128, 4, 4)]
+# A100 (sm_80): 164 KB shared memory, mma.sync.
+_AMPERE = [_c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 64, 4, 4), _c(128, 128, 128, 8, 3),
+           _c(64, 128, 128, 4, 4)]
+# sm_86/89 (RTX 30xx/40xx): ~100 KB shared memory per block.
+_ADA = [_c(128, 128, 64, 4, 4), _c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 128, 8, 2),
+        _c(64, 128, 64, 4, 4)]
+# Turing (sm_75): small, shallow tiles (64 KB shared memory).
+_TURING = [_c(64, 64, 64, 4, 2), _c(128, 64, 32, 4, 2)]
+# M <= 64: weight-bandwidth bound; narrow N tiles so enough programs cover the SMs.
+_SMALL_M = [_c(16, 32, 256, 4, 4, 1), _c(16, 64, 128, 4, 4, 1), _c(32, 64, 128, 4, 4, 1),
+            _c(64, 64, 128, 4, 4, 1), _c(16, 128, 128, 4, 3, 1), _c(64, 128, 128, 4, 3, 1)]
+_SMALL_M_TURING = [_c(16, 64, 64, 4, 2, 1), _c(32, 64, 64, 4, 2, 1)]
+
+_OVERRIDE: Optional[List[dict]] = None
+_KERNELS: Dict[tuple, object] = {}
+
+
+def set_config_override(configs: Optional[Sequence[dict]]) -> None:
+    """Use exactly `configs` (dicts as `_c` makes) for every GEMM from now on; None restores the defaults."""
+    global _OVERRIDE
+    _OVERRIDE = [dict(c) for c in configs] if configs is not None else None
+    _KERNELS.clear()
+
+
+def _arch(device: torch.device) -> str:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or device.type != "cuda":
+        return "interp"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "hopper"     # also sm_100/120: these tiles are valid there (wgmma is sm_90a only; Triton picks)
+    if (major, minor) == (8, 0):
+        return "ampere"
+    if major == 8:
+        return "ada"
+    return "turing"
+
+
+def _config_list(arch: str, small: bool, group: int) -> List[dict]:
+    if _OVERRIDE is not None:
+        cfgs = _OVERRIDE
+    elif arch == "turing":
+        cfgs = _SMALL_M_TURING if small else _TURING
+    elif arch == "interp":
+        cfgs = [_c(16, 32, 32, 4, 1, 1)]
+    elif small:
+        cfgs = _SMALL_M
+    else:
+        cfgs = {"hopper": _HOPPER, "ampere": _AMPERE, "ada": _ADA}[arch]
+    if group:
+        fixed = []
+        for c in cfgs:
+            c = dict(c)
+            while group % c["BLOCK_K"]:
+                c["BLOCK_K"] //= 2
+            if c not in fixed:
+                fixed.append(c)
+        cfgs = fixed
+    return cfgs
+
+
+def _kernel(arch: str, small: bool, group: int):
+    key = (arch, small, group)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        configs = []
+        for c in _config_list(arch, small, group):
+            c = dict(c)
+            warps, stages = c.pop("num_warps"), c.pop("num_stages")
+            configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
+        heur = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_gemm_kernel)
+        fn = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "SW_MODE", "GROUP_K", "HAS_BIAS"])(heur)
+        _KERNELS[key] = fn
+    return fn
+
+
+def m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_CAP)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+              bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`(a [M, K] int8) · (b [N, K] int8)ᵀ * sx[M] * sw (+ bias)` -> `[M, N]` in `out_dtype`.
+
+    `sw` is fp32: a scalar (tensor-wise), `[N]` (row-wise) or `[N, K/g]` (group-wise).  `a` and `b` may have
+    any strides (K-contiguous is the fast case); `sx` is fp32 `[M]`; `bias` any float `[N]`.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError("int8_gemm expects 2-D int8 a [M, K] and b [N, K]")
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"a has K={k}, b has K={b.shape[1]}")
+    c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    if sw.dim() == 0 or sw.numel() == 1 and sw.dim() <= 1 and n != 1:
+        mode, group, stride_sw = SW_TENSOR, 0, 0
+        sw = sw.reshape(1)
+    elif sw.dim() == 1:
+        mode, group, stride_sw = SW_ROW, 0, 0
+    else:
+        groups = sw.shape[1]
+        if k % groups or sw.shape[0] != n:
+            raise ValueError(f"group scales {tuple(sw.shape)} do not fit weight [{n}, {k}]")
+        mode, group, stride_sw = SW_GROUP, k // groups, sw.stride(0)
+        if sw.stride(1) != 1:
+            sw = sw.contiguous()
+            stride_sw = sw.stride(0)
+        if group % 16:
+            raise ValueError(f"group size {group} must be a multiple of 16")
+    if sw.dtype != torch.float32 or sx.dtype != torch.float32:
+        raise ValueError("scales must be float32")
+    if k == 0:
+        c.zero_()
+        if bias is not None:
+            c += bias.to(c.dtype)
+        return c
+    arch = _arch(a.device)
+    fn = _kernel(arch, m <= SMALL_M, group)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    has_bias = bias is not None
+    fn[grid](a, b, c, sx, sw, bias if has_bias else sx, m, n, k, m_bucket(m),
+             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), stride_sw,
+             SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias)
+    return c
+
+
+def best_configs() -> Dict[str, str]:
+    """The configuration each autotuned wrapper picked, per key (for logs and the benchmark)."""
+    out = {}
+    for key, fn in _KERNELS.items():
+        for tkey, cfg in getattr(fn, "cache", {}).items():
+            out[f"{key} {tkey}"] = str(cfg)
+    return out
