@@ -1,0 +1,203 @@
+"""Triton kernels against the torch oracle (quant.int8), on the CPU interpreter (TRITON_INTERPRET=1).
+
+Tolerances, and why:
+- Unrotated activation codes and scales: bit-exact (absmax is exact, division is IEEE `div_rn`, rounding is
+  exact half-to-even).
+- Rotated codes: the kernel sums the ±1 Hadamard products in a different order than torch's fp32 matmul, so
+  the rotated value can differ by a few fp32 ulps; a code then differs by ±1 only where x/s is within those ulps
+  of a .5 boundary.  We allow |diff| <= 1 on at most 0.2% of codes (observed: none at these sizes), and scales
+  within 4 fp32 ulps.
+- GEMM fp32 outputs: the int32 accumulator is exact and the epilogue follows the oracle's operation order, so
+  they agree to a few fp32 ulps (an FMA contraction saves one rounding): rtol 1e-6 of the row's magnitude
+  (group scales: 1e-5, one rounding per K-group).  bf16/fp16 outputs: within 1 ulp of the output type of
+  the oracle's value (the interpreter casts fp32->bf16 by truncation; GPUs round to nearest even).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from wan_int8.kernels.registry import ROT_KINDS, KernelRegistry, LinearCall  # noqa: E402
+from wan_int8.quant.int8 import _gemm_dequant, int8_linear_reference, quantize_activation, quantize_weight  # noqa: E402
+from wan_int8.quant.types import Int8Weight, Rotation  # noqa: E402
+
+M_VALUES = (1, 2, 15, 16, 17, 33)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_configs():
+    from wan_int8.kernels import triton_gemm
+    triton_gemm.set_config_override([dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)])
+    yield
+    triton_gemm.set_config_override(None)
+
+
+def _activation(m, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    cols = torch.randperm(k, generator=g)[: min(8, k)]
+    x[:, cols] *= 20.0  # outlier channels
+    return x.to(dtype)
+
+
+def _signs(k, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return (torch.randint(0, 2, (k,), generator=g) * 2 - 1).to(torch.float32)
+
+
+def _check_codes(q, s, qr, sr, exact):
+    assert q.dtype == torch.int8 and q.is_contiguous()
+    assert not bool((q == -128).any()), "some codes were never written (poison value left)"
+    assert bool(torch.isfinite(s).all()), "some scales were never written"
+    diff = (q.to(torch.int16) - qr.to(torch.int16)).abs()
+    if exact:
+        assert torch.equal(q, qr), f"{int((diff > 0).sum())} codes differ"
+        assert torch.equal(s, sr)
+    else:
+        assert int(diff.max()) <= 1
+        assert float((diff > 0).float().mean()) <= 2e-3
+        torch.testing.assert_close(s, sr, rtol=4 * 2.0 ** -23, atol=0)
+
+
+ROTATIONS = [None, ("regular", 16, False), ("regular", 64, True), ("sylvester", 32, True), ("regular", 256, True)]
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("rot", ROTATIONS, ids=lambda r: "none" if r is None else f"{r[0]}{r[1]}{'s' if r[2] else ''}")
+def test_quantizer_matches_reference(m, rot):
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    seed = 1000 * m + (0 if rot is None else rot[1])
+    dtype = DTYPES[(m + (0 if rot is None else rot[1])) % 3]
+    k = {None: 96, 16: 96, 64: 320, 32: 96, 256: 512}[None if rot is None else rot[1]]
+    if rot is not None and rot[1] == 256 and m not in (1, 17):
+        pytest.skip("group 256 checked at two M values to keep the interpreter run short")
+    x = _activation(m, k, dtype, seed)
+    signs = _signs(k, seed) if rot is not None and rot[2] else None
+    rotation = Rotation(rot[0], rot[1], signs) if rot else None
+    q = torch.full((m, k), -128, dtype=torch.int8)
+    s = torch.full((m,), float("nan"))
+    quantize_activation_triton(x, rot[0] if rot else "none", rot[1] if rot else 0, signs, out=q, out_scale=s)
+    qr, sr = quantize_activation(x, rotation)
+    _check_codes(q, s, qr, sr, exact=rot is None)
+
+
+@pytest.mark.parametrize("case", ["strided", "two_pass", "static", "static_rot", "zero_rows"])
+def test_quantizer_paths(case):
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    if case == "strided":   # a non-contiguous view: transposed storage
+        x = _activation(40, 17, torch.bfloat16, 7).t()
+        q, s = quantize_activation_triton(x)
+        _check_codes(q, s, *quantize_activation(x), exact=True)
+    elif case == "two_pass":  # K above the one-pass register limit, ragged against the 4096 chunk
+        x = _activation(3, 16384 + 64, torch.float16, 8)
+        q, s = quantize_activation_triton(x)
+        _check_codes(q, s, *quantize_activation(x), exact=True)
+    elif case == "static":
+        x = _activation(5, 96, torch.bfloat16, 9)
+        inp = torch.tensor(0.05)
+        q, s = quantize_activation_triton(x, input_scale=inp)
+        _check_codes(q, s, *quantize_activation(x, input_scale=inp), exact=True)
+    elif case == "static_rot":
+        x = _activation(17, 64, torch.float32, 10)
+        inp = torch.tensor(0.03)
+        q, s = quantize_activation_triton(x, "regular", 16, input_scale=inp)
+        _check_codes(q, s, *quantize_activation(x, Rotation("regular", 16), input_scale=inp), exact=False)
+    else:
+        x = torch.zeros(4, 48, dtype=torch.bfloat16)
+        q, s = quantize_activation_triton(x)
+        _check_codes(q, s, *quantize_activation(x), exact=True)
+
+
+def _weight(n, k, granularity, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    return quantize_weight(w, granularity, group_size=group or 128)
+
+
+def _assert_gemm_close(y, ref, out_dtype, group):
+    assert bool(torch.isfinite(y).all()), "some outputs were never written (NaN poison left)"
+    if out_dtype == torch.float32:
+        rtol = 1e-5 if group else 1e-6
+        scale = ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        assert float(((y - ref).abs() / scale).max()) <= rtol
+    else:
+        r = ref.to(out_dtype).float()
+        ulp = torch.finfo(out_dtype).eps * torch.maximum(r.abs(), y.float().abs()).clamp_min(torch.finfo(out_dtype).tiny)
+        assert bool(((y.float() - r).abs() <= ulp * 1.01).all())
+
+
+GEMM_SHAPES = [(40, 96), (24, 320), (64, 384)]
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("mode", ["tensor", "row", "group"])
+def test_gemm_matches_reference(m, mode):
+    from wan_int8.kernels.triton_gemm import int8_gemm
+    i = M_VALUES.index(m) + 3 * ["tensor", "row", "group"].index(mode)
+    n, k = GEMM_SHAPES[i % 3]
+    group = 0 if mode != "group" else next(g for g in (128, 64, 32) if k % g == 0)
+    out_dtype = DTYPES[i % 3]
+    w = _weight(n, k, mode, group, seed=i)
+    x = _activation(m, k, torch.bfloat16, seed=50 + i)
+    xq, sx = quantize_activation(x)
+    bias = torch.randn(n) if i % 2 == 0 else None
+    ref = _gemm_dequant(xq, sx, w, bias)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)
+    y = int8_gemm(xq, w.qdata, sx, w.scale, bias, out_dtype, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _assert_gemm_close(y, ref, out_dtype, group)
+
+
+def test_gemm_strided_operands_and_k_tail():
+    from wan_int8.kernels.triton_gemm import int8_gemm
+    a = torch.randint(-127, 128, (33, 2 * 100), dtype=torch.int8)[:, ::2]   # K=100: ragged against BLOCK_K=32
+    b = torch.randint(-127, 128, (100, 17), dtype=torch.int8).t()           # [17, 100], K-stride != 1
+    sx, sw = torch.rand(33) * 0.01, torch.rand(17) * 0.01
+    ref = _gemm_dequant(a, sx, Int8Weight(b, sw), None)
+    y = int8_gemm(a, b, sx, sw, None, torch.float32, out=torch.full((33, 17), float("nan")))
+    _assert_gemm_close(y, ref, torch.float32, 0)
+
+
+def _call(x, w, bias=None):
+    rot = w.rotation
+    return LinearCall(x, w.qdata, w.scale, bias, w.input_scale, rot.signs if rot else None,
+                      ROT_KINDS.index(rot.kind) if rot else 0, rot.group_size if rot else 0, x.dtype, "test")
+
+
+@pytest.mark.parametrize("granularity,rot", [("row", None), ("row", ("regular", 64)), ("group", ("regular", 16)),
+                                             ("tensor", ("sylvester", 32))])
+def test_backend_end_to_end(granularity, rot):
+    from wan_int8.kernels.triton_backend import check, register_triton_backends, triton_int8_linear
+    k, n, m = 128, 48, 17
+    rotation = Rotation(rot[0], rot[1], _signs(k, 3)) if rot else None
+    g = torch.Generator().manual_seed(5)
+    w = quantize_weight(torch.randn(n, k, generator=g) * 0.02, granularity, group_size=64, rotation=rotation)
+    x = _activation(m, k, torch.bfloat16, 11)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    call = _call(x, w, bias)
+    assert check(call) is None
+    y = triton_int8_linear(call)
+    ref = int8_linear_reference(x, w, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    # ±1 code differences (rotation, rounding ties) move an output by at most one code's worth of x·w.
+    assert float((y.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    registry = KernelRegistry()
+    register_triton_backends(registry)
+    assert registry.get("triton") is not None and registry.get("triton").priority == 10
+
+
+def test_check_reasons(monkeypatch):
+    from wan_int8.kernels.triton_backend import check
+    w = _weight(32, 96, "row", 0, 1)
+    x = _activation(4, 96, torch.bfloat16, 1)
+    assert check(_call(x, w)) is None
+    bad_rot = LinearCall(x, w.qdata, w.scale, None, None, None, ROT_KINDS.index("regular"), 32, x.dtype)
+    assert "group" in check(bad_rot)
+    assert "dtype" in check(_call(x.to(torch.float64), w))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CPU" in check(_call(x, w))

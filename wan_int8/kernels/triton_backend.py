@@ -1,0 +1,167 @@
+"""The "triton" backend: fused activation quantizer (rotation included) + INT8 GEMM with dequant epilogue.
+
+Nothing here imports Triton at module import time: `import wan_int8` must stay cheap and work without it.
+`register_triton_backends(registry)` adds the backend; `check(call)` says why a call cannot run (never a silent
+fallback); a kernel that fails to compile on a device (e.g. an old GPU the configs do not fit) is logged once,
+marked unusable for that device and signature, and later calls are refused by `check` with that reason.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .registry import ROT_KINDS, Backend, LinearCall
+
+log = logging.getLogger("wan_int8.kernels")
+
+BACKEND_NAME = "triton"
+PRIORITY = 10
+MIN_CAPABILITY = (7, 5)
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# (device string, signature) -> reason, for kernels that failed at compile/launch time
+_BROKEN: Dict[Tuple[str, str], str] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_import() -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"Triton is not importable ({type(exc).__name__}: {exc})"
+    return True, f"Triton {triton.__version__}"
+
+
+def triton_available(device: Optional[torch.device] = None) -> Tuple[bool, str]:
+    """(True, description) when the Triton kernels can run on `device` (default: the current CUDA device)."""
+    ok, why = _triton_import()
+    if not ok:
+        return False, why
+    if _interpreting():
+        return True, why + " (TRITON_INTERPRET=1: kernels run on the CPU interpreter)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    dev = device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    if getattr(torch.version, "hip", None):
+        return False, "ROCm is not supported by these kernels yet"
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < MIN_CAPABILITY:
+        return False, f"compute capability {cap[0]}.{cap[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+    return True, why + f" on sm_{cap[0]}{cap[1]}"
+
+
+def _signature(call: LinearCall) -> str:
+    rot = ROT_KINDS[call.rot_kind] if call.rot_kind else "none"
+    group = call.k // call.scale.shape[1] if call.scale.dim() == 2 else 0
+    return f"{call.x.dtype}->{call.out_dtype} {call.granularity}{group or ''} rot={rot}{call.rot_group or ''}"
+
+
+def check(call: LinearCall) -> Optional[str]:
+    """None when the Triton backend can run `call`; otherwise the reason it cannot."""
+    x, q, s = call.x, call.qdata, call.scale
+    if x.device.type == "cuda":
+        ok, why = triton_available(x.device)
+        if not ok:
+            return why
+    elif x.device.type == "cpu":
+        if not _interpreting():
+            return "input is on the CPU (the Triton kernels need CUDA, or TRITON_INTERPRET=1 for tests)"
+        ok, why = _triton_import()
+        if not ok:
+            return why
+    else:
+        return f"device type {x.device.type!r} is not supported"
+    if x.dim() != 2:
+        return f"expected a 2-D activation, got {x.dim()}-D"
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"activation dtype {x.dtype} is not supported (bf16, fp16, fp32)"
+    if call.out_dtype not in _FLOAT_DTYPES:
+        return f"output dtype {call.out_dtype} is not supported (bf16, fp16, fp32)"
+    if q.dtype != torch.int8 or q.dim() != 2:
+        return f"weight must be 2-D int8, got {q.dim()}-D {q.dtype}"
+    if q.device != x.device or s.device != x.device:
+        return "weight, scale and input are on different devices"
+    if s.dtype != torch.float32:
+        return f"weight scale must be float32, got {s.dtype}"
+    if call.bias is not None and (call.bias.device != x.device or call.bias.numel() != call.n):
+        return "bias is on another device or has the wrong length"
+    if s.dim() == 2:
+        if s.shape[0] != call.n or call.k % s.shape[1]:
+            return f"group scale shape {tuple(s.shape)} does not fit weight [{call.n}, {call.k}]"
+        g = call.k // s.shape[1]
+        if g % 16:
+            return f"weight scale group size {g} is not a multiple of 16"
+    elif s.dim() == 1 and s.shape[0] != call.n:
+        return f"row scale has {s.shape[0]} entries for N={call.n}"
+    if call.input_scale is not None and call.input_scale.numel() != 1:
+        return "static input_scale must be a scalar"
+    if call.rot_kind:
+        from .triton_quant import rotation_unsupported
+        reason = rotation_unsupported(ROT_KINDS[call.rot_kind], call.rot_group, call.k)
+        if reason:
+            return reason
+        if call.signs is not None and call.signs.numel() != call.k:
+            return f"sign vector has {call.signs.numel()} entries, expected K={call.k}"
+    broken = _BROKEN.get((str(x.device), _signature(call)))
+    if broken:
+        return broken
+    return None
+
+
+def triton_int8_linear(call: LinearCall) -> torch.Tensor:
+    """Run one INT8 linear with the Triton kernels: quantize (+rotate) the activation, then GEMM + epilogue."""
+    from .triton_gemm import int8_gemm
+    from .triton_quant import quantize_activation_triton
+
+    x = call.x
+    rot = ROT_KINDS[call.rot_kind] if call.rot_kind else "none"
+    scale = call.scale
+    if scale.dim() == 2 and scale.stride(1) != 1:
+        scale = scale.contiguous()
+    try:
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
+            xq, sx = quantize_activation_triton(x, rot, call.rot_group, call.signs, call.input_scale)
+            return int8_gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype)
+    except Exception as exc:
+        if not _looks_like_compile_failure(exc):
+            raise
+        key = (str(x.device), _signature(call))
+        reason = f"Triton kernel failed to build for {key[1]} on {key[0]}: {type(exc).__name__}: {exc}"[:500]
+        _BROKEN[key] = reason
+        log.error("INT8 layer %s: %s; this layer shape now uses the torch reference", call.name or "?", reason)
+        from .registry import REFERENCE
+        return REFERENCE.run(call)
+
+
+def _looks_like_compile_failure(exc: Exception) -> bool:
+    """Compile/resource errors (an old GPU, a Triton version lacking a feature) degrade; real bugs propagate."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"CompilationError", "OutOfResources", "PTXASError", "CompileTimeAssertionFailure",
+                "MLIRCompilationError", "BackendCompilerError"}:
+        return True
+    text = str(exc)
+    return any(s in text for s in ("PassManager::run failed", "ptxas", "LLVM ERROR"))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+TRITON_BACKEND = Backend(BACKEND_NAME, check, triton_int8_linear, priority=PRIORITY)
+
+
+def register_triton_backends(registry) -> None:
+    """Add the "triton" backend to `registry` (a `KernelRegistry`).  Cheap: imports no Triton."""
+    registry.register(TRITON_BACKEND)
