@@ -280,17 +280,28 @@ class WanModel(nn.Module):
         self.head = Head(cfg, **kw)
         self.img_emb = (MLPProj(CLIP_DIM, cfg.dim, cfg.flf_pos_embed_token_number, **kw)
                         if cfg.model_type == "i2v" else None)
+        self._freqs: Dict[tuple, torch.Tensor] = {}   # (grid, device) -> RoPE; not state, rebuilt on demand
+
+    def rope(self, grid: Sequence[int], device) -> torch.Tensor:
+        """RoPE for a token grid, cached: built on the CPU in float64, so worth not redoing every step."""
+        key = (tuple(grid), str(device))
+        if key not in self._freqs:
+            if len(self._freqs) >= 8:
+                self._freqs.clear()
+            self._freqs[key] = rope_freqs(grid, HEAD_DIM, device=device)
+        return self._freqs[key]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.config
         b, _, frames, height, width = x.shape
         dtype = self.dtype
+        t = t.reshape(1).expand(b) if t.dim() == 0 else t
         x = pad_to_patch_size(x.to(dtype), PATCH_SIZE)
         x = self.patch_embedding(x.float()).to(dtype)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
-        freqs = rope_freqs(grid, HEAD_DIM, device=x.device)
+        freqs = self.rope(grid, x.device)
 
         e = self.time_embedding(sinusoidal_embedding_1d(cfg.freq_dim, t.flatten()).to(dtype))
         e = e.reshape(t.shape[0], -1, cfg.dim)                       # [B, 1, D]
