@@ -59,7 +59,6 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if SW_MODE == 2:
-        SUB: tl.constexpr = GROUP_K // BLOCK_K
         acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sw_ptrs = sw_ptr + offs_bn * stride_sw
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
@@ -70,15 +69,17 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         if SW_MODE == 2:
-            if SUB == 1:
-                acc_f += acc.to(tl.float32) * tl.load(sw_ptrs + kb)[None, :]
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            if GROUP_K == BLOCK_K:   # BLOCK_K == g: each step's dot is one group's partial sum
+                part = tl.dot(a, b, out_dtype=tl.int32)
+                acc_f += part.to(tl.float32) * tl.load(sw_ptrs + kb)[None, :]
             else:
-                if (kb + 1) % SUB == 0:
-                    acc_f += acc.to(tl.float32) * tl.load(sw_ptrs + kb // SUB)[None, :]
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                if (kb + 1) % (GROUP_K // BLOCK_K) == 0:   # last step of a group: fold it in, restart
+                    acc_f += acc.to(tl.float32) * tl.load(sw_ptrs + kb // (GROUP_K // BLOCK_K))[None, :]
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 

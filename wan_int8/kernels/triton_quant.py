@@ -97,19 +97,27 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_
 
 
 @triton.jit
-def _rotated_chunk(x_row, rmask, sign_ptr, h_ptr, col0, c0, inv_sqrt_g, stride_xk,
-                   G: tl.constexpr, HC: tl.constexpr, HAS_SIGNS: tl.constexpr, DOT_F32: tl.constexpr):
-    """Columns [c0, c0+HC) of the rotated group starting at K index col0: (x[:, group] * signs) @ H[:, c0:c0+HC]."""
+def _load_group(x_row, rmask, sign_ptr, col0, stride_xk, G: tl.constexpr, HAS_SIGNS: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """x[:, col0:col0+G] * signs, in the dtype the Hadamard dot consumes (sign flips are exact)."""
     gcols = col0 + tl.arange(0, G).to(tl.int64)
     x = tl.load(x_row + gcols[None, :] * stride_xk, mask=rmask[:, None], other=0.0)
     if HAS_SIGNS:
         sg = tl.load(sign_ptr + gcols)
-        x = (x.to(tl.float32) * sg[None, :]).to(x.dtype)   # exact: a sign flip
+        x = (x.to(tl.float32) * sg[None, :]).to(x.dtype)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G: tl.constexpr, HC: tl.constexpr, DOT_F32: tl.constexpr):
+    """Columns [c0, c0+HC) of the rotated group: x @ H[:, c0:c0+HC] / sqrt(G) (H chunk is G x HC, ±1)."""
     hr = tl.arange(0, G)
     hc = c0 + tl.arange(0, HC)
-    h = tl.load(h_ptr + hr[:, None] * G + hc[None, :])     # ±1, in x's dtype (exact)
+    h = tl.load(h_ptr + hr[:, None] * G + hc[None, :])
     if DOT_F32:
-        y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+        y = tl.dot(x, h.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
     else:
         y = tl.dot(x, h.to(x.dtype), out_dtype=tl.float32)
     return y * inv_sqrt_g
@@ -119,7 +127,10 @@ def _rotated_chunk(x_row, rmask, sign_ptr, h_ptr, col0, c0, inv_sqrt_g, stride_x
 def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K, stride_xm, stride_xk,
                           inv_sqrt_g, BLOCK_M: tl.constexpr, G: tl.constexpr, HC: tl.constexpr,
                           HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, DOT_F32: tl.constexpr):
-    """Rotation by diag(signs)·blockdiag(H_G) along K (K % G == 0), then per-row quantization (two passes)."""
+    """Rotation by diag(signs)·blockdiag(H_G) along K (K % G == 0), then per-row quantization (two passes).
+
+    H is applied HC output columns at a time so its tile (G x HC) fits shared memory on every GPU.
+    """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < M
@@ -130,15 +141,15 @@ def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col0 in range(0, K, G):
+            x = _load_group(x_row, rmask, sign_ptr, col0, stride_xk, G, HAS_SIGNS, DOT_F32)
             for c0 in tl.static_range(0, G, HC):
-                y = _rotated_chunk(x_row, rmask, sign_ptr, h_ptr, col0, c0, inv_sqrt_g, stride_xk,
-                                   G, HC, HAS_SIGNS, DOT_F32)
+                y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
         s = tl.div_rn(tl.maximum(amax, 1e-30), 127.0)
     for col0 in range(0, K, G):
+        x = _load_group(x_row, rmask, sign_ptr, col0, stride_xk, G, HAS_SIGNS, DOT_F32)
         for c0 in tl.static_range(0, G, HC):
-            y = _rotated_chunk(x_row, rmask, sign_ptr, h_ptr, col0, c0, inv_sqrt_g, stride_xk,
-                               G, HC, HAS_SIGNS, DOT_F32)
+            y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
             ocols = (col0 + c0 + tl.arange(0, HC)).to(tl.int64)
             tl.store(q_row + ocols[None, :], _codes(y, s[:, None]), mask=rmask[:, None])
     tl.store(s_ptr + rows, s, mask=rmask)

@@ -81,12 +81,16 @@ def _init(key: str, shape, seed: int, cfg: WanConfig) -> torch.Tensor:
     raise KeyError(f"tiny Wan: no init rule for {key} {tuple(shape)}")
 
 
+def wan_state_dict(cfg: WanConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
+    """A seeded Wan state dict of any size (ComfyUI keys) with the tiny Wan's statistics and outlier channels."""
+    shapes = {k: tuple(v.shape) for k, v in WanModel(cfg, dtype=torch.float32, device="meta").state_dict().items()}
+    return {k: _init(k, s, seed, cfg).to(dtype) for k, s in shapes.items()}
+
+
 def build_tiny_wan_state_dict(seed: int = 0, layers: int = 2, model_type: str = "t2v",
                               dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
     """ComfyUI-key-named tiny Wan state dict (what a checkpoint file would hold), deterministic in `seed`."""
-    cfg = tiny_wan_config(layers, model_type)
-    shapes = {k: tuple(v.shape) for k, v in WanModel(cfg, dtype=torch.float32, device="meta").state_dict().items()}
-    return {k: _init(k, s, seed, cfg).to(dtype) for k, s in shapes.items()}
+    return wan_state_dict(tiny_wan_config(layers, model_type), seed, dtype)
 
 
 def build_tiny_wan(seed: int = 0, layers: int = 2, model_type: str = "t2v", dtype: torch.dtype = torch.bfloat16,

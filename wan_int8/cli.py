@@ -1,0 +1,258 @@
+"""The `wan-int8` command line: inspect, quantize, run, demo.
+
+Every command prints a short human summary; `--json` variants print one machine-readable object instead.
+Errors in user input (a damaged file, an unknown layout) end with a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+log = logging.getLogger("wan_int8")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar on stderr (disabled when not a terminal or total is small); returns a callback."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return (lambda name: None), (lambda: None)
+    bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=total < 8 or not sys.stderr.isatty())
+    return (lambda name: bar.update(1)), bar.close
+
+
+def _load_config(args, quantize_float=True):
+    from .loader import LoadConfig
+    return LoadConfig(quantize_float=quantize_float, granularity=getattr(args, "granularity", "row"),
+                      group_size=getattr(args, "group_size", 128), rotate=True if getattr(args, "rotate", False) else None,
+                      family=getattr(args, "family", None))
+
+
+# -- inspect --------------------------------------------------------------------------------------
+
+def inspect_checkpoint(path: str, family: Optional[str] = None, scan: bool = True) -> dict:
+    """Everything `inspect` prints, as a dict: verdict, per-layer kinds, loaders, problems."""
+    import torch
+    from .formats import open_checkpoint
+    from .formats.comfy_native import native_loaders
+    from .loader import LoadConfig, plan_load
+
+    with open_checkpoint(path) as ckpt:
+        report, fam = plan_load(ckpt, LoadConfig(family=family))
+        problems: List[str] = []
+        if scan:
+            for name, layer in ckpt.layers.items():
+                try:
+                    w = layer.load()
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
+                s = w.scale
+                zeros = int((s == 0).sum())
+                if zeros:
+                    problems.append(f"{name}: {zeros} zero weight scale(s): those output channels are always 0")
+                if layer.in_features % 16 or layer.out_features % 16:
+                    problems.append(f"{name}: [{layer.out_features}, {layer.in_features}] is not a multiple of 16: "
+                                    f"runs on a slower path")
+            for key, t in ckpt.tensors.items():
+                if t.dtype.is_floating_point and len(t.shape) and t.dtype != torch.float64:
+                    v = t.build()
+                    if not bool(torch.isfinite(v).all()):
+                        problems.append(f"{key}: contains NaN/Inf")
+        layers = {}
+        for name, plan in report.layers.items():
+            layers[name] = {"kind": {"file": "int8", "quantize": "float->int8 at load", "float": "float"}[plan.action],
+                            "granularity": plan.granularity or None,
+                            "group_size": plan.group_size if plan.granularity == "group" else None,
+                            "rotation": plan.rotation or None, "note": plan.note or None}
+        quantized = [p for p in report.layers.values() if p.action != "float"]
+        if ckpt.format == "float":
+            loaders = "wan-int8 (quantizes at load); stock ComfyUI runs it in bf16/fp8"
+        elif all(p.action == "file" for p in quantized) and ckpt.format == "comfy-native" and not report.count("quantize"):
+            loaders = native_loaders(quantized)
+        else:
+            loaders = "wan-int8 (stock ComfyUI: after `wan-int8 quantize` converts it to native format)"
+        return {"file": path, "verdict": report.verdict(), "format": ckpt.format, "format_detail": ckpt.format_detail,
+                "renamed_from": ckpt.renamed_from or None, "family": report.family,
+                "family_id": fam.name if fam else None,
+                "int8_from_file": report.count("file"), "quantized_at_load": report.count("quantize"),
+                "kept_float": report.count("float"), "scales": report.scale_kinds(), "rotations": report.rotations(),
+                "loaders": loaders, "problems": problems, "warnings": report.warnings, "layers": layers,
+                "tensors": len(ckpt.tensors)}
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_checkpoint(args.file, args.family)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(info["verdict"])
+    print(f"  format: {info['format_detail']}")
+    print(f"  loaders: {info['loaders']}")
+    for w in info["warnings"]:
+        print(f"  warning: {w}")
+    if info["problems"]:
+        print(f"  problems ({len(info['problems'])}):")
+        for p in info["problems"][:20]:
+            print(f"    - {p}")
+        if len(info["problems"]) > 20:
+            print(f"    ... and {len(info['problems']) - 20} more (--json lists all)")
+    else:
+        print("  problems: none found")
+    return 0
+
+
+# -- quantize -------------------------------------------------------------------------------------
+
+def cmd_quantize(args) -> int:
+    from .formats import open_checkpoint
+    from .loader import plan_load, write_native
+
+    config = _load_config(args)
+    with open_checkpoint(args.input) as ckpt:
+        report, _ = plan_load(ckpt, config)
+        work = report.count("file") + report.count("quantize")
+        tick, close = _progress(work, "quantize")
+        start = time.perf_counter()
+        try:
+            report = write_native(ckpt, args.output, config, progress=tick)
+        finally:
+            close()
+        seconds = time.perf_counter() - start
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB) in {seconds:.1f} s")
+    print(report.verdict())
+    from_file = [p for p in report.layers.values() if p.action == "file"]
+    if from_file:
+        lossy = sum(not p.lossless for p in from_file)
+        print(f"  {len(from_file) - lossy} INT8 layers of the {report.format} file kept their codes and scales "
+              f"(lossless)" + (f"; {lossy} had to be requantized to fit the format (see inspect)" if lossy else ""))
+    if report.errors:
+        errs = sorted(report.errors.items(), key=lambda kv: -kv[1])
+        mean = sum(report.errors.values()) / len(errs)
+        print(f"  weight error of the {len(errs)} layers quantized now (‖W8 − W‖/‖W‖): mean {mean:.2e}, "
+              f"max {errs[0][1]:.2e}")
+        for name, e in errs[:5]:
+            print(f"    {name:<40} {e:.2e}")
+    for w in report.warnings:
+        print(f"  warning: {w}")
+    return 0
+
+
+# -- run --------------------------------------------------------------------------------------------
+
+def run_checkpoint(path: str, steps: int, seed: int, frames: int, height: int, width: int, device: str,
+                   dtype_name: str = "bf16", quantize_float: bool = True, family: Optional[str] = None):
+    """Load a Wan checkpoint (any format), sample on seeded inputs; returns (latents, report, seconds)."""
+    import torch
+    from .loader import LoadConfig, build_wan_model
+    from .models.wan import sample, seeded_inputs
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    model, report = build_wan_model(path, LoadConfig(quantize_float=quantize_float, family=family), device=device,
+                                    dtype=dtype)
+    inputs = seeded_inputs(model.config, seed, frames, height, width, device=device, dtype=dtype)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        latents = sample(model, inputs.noise, inputs.context, steps=steps, clip_fea=inputs.clip_fea, cond=inputs.cond)
+    if latents.is_cuda:
+        torch.cuda.synchronize()
+    return latents, report, time.perf_counter() - start
+
+
+def cmd_run(args) -> int:
+    from .formats.safetensors_io import save_tensors
+    latents, report, seconds = run_checkpoint(args.checkpoint, args.steps, args.seed, args.frames, args.height,
+                                              args.width, args.device, args.dtype, not args.no_quantize, args.family)
+    print(report.verdict())
+    print(f"sampled {args.steps} steps in {seconds:.2f} s; latents {list(latents.shape)}")
+    if args.out:
+        save_tensors(args.out, {"latents": latents.float().cpu().contiguous()},
+                     {"checkpoint": os.path.basename(args.checkpoint), "seed": str(args.seed),
+                      "steps": str(args.steps), "size": f"{args.frames}x{args.height}x{args.width}"})
+        print(f"saved {args.out}")
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    table = run_demo(device=args.device, steps=args.steps, seed=args.seed, keep_dir=args.keep)
+    print(table)
+    return 0
+
+
+# -- entry ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wan-int8", description="INT8 (W8A8) Wan and DiT checkpoints: inspect, convert, run")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="say what a checkpoint is and which loaders can run it")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="one JSON object (format, family, per-layer kinds)")
+    s.add_argument("--family", default=None, help="model family (default: detect)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("quantize", help="convert any supported checkpoint to ComfyUI-native INT8")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--granularity", choices=("row", "tensor", "group"), default="row")
+    s.add_argument("--group-size", type=int, default=128, choices=(64, 128, 256))
+    s.add_argument("--rotate", action="store_true", help="block-Hadamard rotation (ComfyUI convrot, group 256)")
+    s.add_argument("--family", default=None, help="model family (default: detect)")
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("run", help="sample a Wan checkpoint on seeded inputs, save the latents")
+    s.add_argument("checkpoint")
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--frames", type=int, default=5)
+    s.add_argument("--height", type=int, default=64)
+    s.add_argument("--width", type=int, default=64)
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    s.add_argument("--no-quantize", action="store_true", help="keep float linears float (a bf16 baseline)")
+    s.add_argument("--family", default=None)
+    s.add_argument("--out", default=None, help="save latents to this safetensors file")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="tiny Wan: bf16 vs INT8 through the real quantize/load path")
+    s.add_argument("--device", default=None)
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--keep", default=None, help="keep the demo's files in this folder")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if getattr(args, "device", "x") is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .config import SettingsError
+    from .formats.safetensors_io import CheckpointError
+    from .quant.types import QuantFormatError
+    try:
+        return args.func(args)
+    except (CheckpointError, QuantFormatError, SettingsError, FileNotFoundError) as exc:
+        print(f"wan-int8 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
