@@ -72,6 +72,7 @@ class Backend:
     check: Callable[[LinearCall], Optional[str]]
     run: Callable[[LinearCall], torch.Tensor]
     priority: int = 0      # higher is tried first when nothing was measured
+    auto_on_cpu: bool = False  # chosen automatically for CPU tensors (the Triton interpreter is for tests only)
 
 
 def _reference_run(call: LinearCall) -> torch.Tensor:
@@ -80,7 +81,7 @@ def _reference_run(call: LinearCall) -> torch.Tensor:
     return _gemm_dequant(xq, sx, w, call.bias).to(call.out_dtype)
 
 
-REFERENCE = Backend("reference", lambda call: None, _reference_run, priority=-100)
+REFERENCE = Backend("reference", lambda call: None, _reference_run, priority=-100, auto_on_cpu=True)
 
 
 class KernelRegistry:
@@ -117,7 +118,10 @@ class KernelRegistry:
             self._warn_once(call, backend.name, reason)
             return REFERENCE
         best_reason = None
+        on_cpu = call.x.device.type == "cpu"
         for backend in self.backends():
+            if on_cpu and not backend.auto_on_cpu:
+                continue
             reason = backend.check(call)
             if reason is None:
                 if best_reason is not None and backend is REFERENCE and call.x.device.type == "cuda":
@@ -155,6 +159,14 @@ class KernelRegistry:
 _FORCE_ALIASES = {"ampere": "triton", "fixed": "triton", "fallback": "reference", "int_mm": "cublaslt"}
 
 REGISTRY = KernelRegistry()
+
+
+def _register_builtin_backends(registry: KernelRegistry) -> None:
+    from .triton_backend import register_triton_backends  # imports no Triton until a kernel runs
+    register_triton_backends(registry)
+
+
+_register_builtin_backends(REGISTRY)
 
 
 def print_kernel_summary(registry: KernelRegistry = REGISTRY) -> str:
