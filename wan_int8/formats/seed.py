@@ -63,7 +63,7 @@ def detect(f: SafetensorsFile, prefix: str) -> Optional[str]:
 def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
     names = int8_layer_names(f)
     keys = f.keys()
-    feature_sizes = _feature_sizes(f, names)
+    feature_sizes = feature_sizes_of(f, names)
     layers: Dict[str, LayerSource] = {}
     used: Set[str] = set()
     warnings: List[str] = []
@@ -84,7 +84,7 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
                     f"(the seed applies U·W·Vᵀ, the converter's inverse is Uᵀ·W·V), so wan-int8 refuses it. "
                     f"Re-export the model with a current convert_to_quant (QuIP stored in the original basis)")
         if f"{p}.hadamard_quip" in f:
-            layer, keys_used = _hadamard_layer(f, name, p, feature_sizes, warnings)
+            layer, keys_used = hadamard_quip_layer(f, name, p, feature_sizes, warnings)
         else:
             extra = [f"{p}.{s}" for s in HADAMARD_SUFFIXES if f"{p}.{s}" in f]
             if extra:
@@ -125,7 +125,7 @@ def _children(keys, names) -> Dict[str, List[str]]:
 
 # -- Hadamard-QuIP ---------------------------------------------------------------------------------
 
-def _feature_sizes(f: SafetensorsFile, names) -> Set[int]:
+def feature_sizes_of(f: SafetensorsFile, names) -> Set[int]:
     """Every dimension of the file's tensors that is not a padded Hadamard-QuIP size."""
     skip = set()
     for p in names:
@@ -167,7 +167,7 @@ def _original_size(f: SafetensorsFile, p: str, side: str, padded: int, exact_key
         f"Re-export it in the original basis (convert_to_quant without --quip-store-transformed)")
 
 
-def _hadamard_layer(f: SafetensorsFile, name: str, p: str, feature_sizes: Set[int],
+def hadamard_quip_layer(f: SafetensorsFile, name: str, p: str, feature_sizes: Set[int],
                     warnings: list) -> Tuple[LayerSource, set]:
     flag = _int_value(f, f"{p}.hadamard_quip")
     if flag != 1:
