@@ -406,3 +406,21 @@ def test_truncated_file_names_the_file(tmp_path):
         fh.truncate(size - 100)
     with pytest.raises(CheckpointError, match="cut.safetensors"):
         open_checkpoint(path)
+
+
+def test_hadamard_quip_marked_comfy_native_goes_through_quip_conversion(tmp_path):
+    """convert_to_quant_QuIP_INT8 --comfy_quant marks transformed-domain layers int8_tensorwise: they must
+    still be read as two-sided QuIP, not as plain row-scaled codes."""
+    from wan_int8.formats.base import encode_json_tensor
+    gen = torch.Generator().manual_seed(5)
+    t, _, rec = _quip_file(48, 200, gen, extra={"blk.norm.weight": torch.ones(200)})
+    t["blk.lin.comfy_quant"] = encode_json_tensor({"format": "int8_tensorwise"})
+    path = _save(tmp_path, t)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format == "comfy-native"
+        layer = ckpt.layers["blk.lin"]
+        assert (layer.out_features, layer.in_features) == (48, 200) and not layer.lossless
+        weight = layer.load()
+        ok, worst = _row_bound_ok(dequantize(weight, torch.float64), rec, weight)
+        assert ok, worst
+        assert not any(k.startswith("blk.lin.") and k != "blk.lin.bias" for k in ckpt.tensors)

@@ -70,6 +70,7 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
     layers: Dict[str, LayerSource] = {}
     used = set()
     warnings = []
+    sizes = None
     for name, conf in configs.items():
         fmt = conf.get("format")
         p = prefix + name
@@ -77,6 +78,15 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
         if wkey not in keys:
             raise CheckpointError(f"{f.path}: layer {name!r} has a comfy_quant marker but no tensor {wkey!r}")
         own = {wkey, f"{p}.comfy_quant"} | {f"{p}.{s}" for s in SCALE_KEYS if f"{p}.{s}" in keys}
+        if f"{p}.hadamard_quip" in keys:
+            # convert_to_quant_QuIP_INT8 --comfy_quant marks transformed-domain (two-sided QuIP) layers as
+            # int8_tensorwise; their weights are not W·H per group, so they go through the QuIP conversion.
+            from . import seed
+            if sizes is None:
+                sizes = seed.feature_sizes_of(f, [n for n in seed.int8_layer_names(f)])
+            layers[name], quip_keys = seed.hadamard_quip_layer(f, name, p, sizes, warnings)
+            used |= own | quip_keys
+            continue
         if fmt in INT8_FORMATS:
             layers[name] = _int8_layer(f, name, p, conf, warnings)
         elif fmt in FP8_FORMATS:
