@@ -1,6 +1,7 @@
 """Triton kernels against the torch oracle (quant.int8), on the CPU interpreter (TRITON_INTERPRET=1).
 
-Tolerances, and why:
+Tolerances, and why (GPU compile of every kernel variant for sm_80/89/90 was also checked offline with
+triton.compile(target=GPUTarget(...)); sm_75 cannot lower an int8 tl.dot, so the backend refuses Turing):
 - Unrotated activation codes and scales: bit-exact (absmax is exact, division is IEEE `div_rn`, rounding is
   exact half-to-even).
 - Rotated codes: the kernel sums the ±1 Hadamard products in a different order than torch's fp32 matmul, so
@@ -86,7 +87,7 @@ def test_quantizer_matches_reference(m, rot):
     _check_codes(q, s, qr, sr, exact=rot is None)
 
 
-@pytest.mark.parametrize("case", ["strided", "two_pass", "static", "static_rot", "zero_rows"])
+@pytest.mark.parametrize("case", ["strided", "two_pass", "static", "static_rot", "zero_rows", "chunk_loop"])
 def test_quantizer_paths(case):
     from wan_int8.kernels.triton_quant import quantize_activation_triton
     if case == "strided":   # a non-contiguous view: transposed storage
@@ -107,6 +108,11 @@ def test_quantizer_paths(case):
         inp = torch.tensor(0.03)
         q, s = quantize_activation_triton(x, "regular", 16, input_scale=inp)
         _check_codes(q, s, *quantize_activation(x, Rotation("regular", 16), input_scale=inp), exact=False)
+    elif case == "chunk_loop":   # the small-shared-memory variant (RTX 30xx/40xx with G=256)
+        x = _activation(17, 512, torch.bfloat16, 12)
+        signs = _signs(512, 12)
+        q, s = quantize_activation_triton(x, "regular", 256, signs, chunk_loop=True)
+        _check_codes(q, s, *quantize_activation(x, Rotation("regular", 256, signs)), exact=False)
     else:
         x = torch.zeros(4, 48, dtype=torch.bfloat16)
         q, s = quantize_activation_triton(x)

@@ -20,7 +20,8 @@ log = logging.getLogger("wan_int8.kernels")
 
 BACKEND_NAME = "triton"
 PRIORITY = 10
-MIN_CAPABILITY = (7, 5)
+MIN_CAPABILITY = (7, 5)        # Triton itself (and our quantizer) runs on Turing ...
+GEMM_MIN_CAPABILITY = (8, 0)   # ... but Triton cannot lower an int8 tl.dot before Ampere (checked for sm_75)
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (device string, signature) -> reason, for kernels that failed at compile/launch time
 _BROKEN: Dict[Tuple[str, str], str] = {}
@@ -71,6 +72,10 @@ def check(call: LinearCall) -> Optional[str]:
         ok, why = triton_available(x.device)
         if not ok:
             return why
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < GEMM_MIN_CAPABILITY:
+            return (f"the Triton INT8 GEMM needs compute capability 8.0+ (this GPU is {cap[0]}.{cap[1]}: "
+                    f"Triton cannot compile an int8 tl.dot for it)")
     elif x.device.type == "cpu":
         if not _interpreting():
             return "input is on the CPU (the Triton kernels need CUDA, or TRITON_INTERPRET=1 for tests)"

@@ -112,12 +112,9 @@ _AMPERE = [_c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 64, 4, 4
 # sm_86/89 (RTX 30xx/40xx): ~100 KB shared memory per block.
 _ADA = [_c(128, 128, 64, 4, 4), _c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 128, 8, 2),
         _c(64, 128, 64, 4, 4)]
-# Turing (sm_75): small, shallow tiles (64 KB shared memory).
-_TURING = [_c(64, 64, 64, 4, 2), _c(128, 64, 32, 4, 2)]
 # M <= 64: weight-bandwidth bound; narrow N tiles so enough programs cover the SMs.
 _SMALL_M = [_c(16, 32, 256, 4, 4, 1), _c(16, 64, 128, 4, 4, 1), _c(32, 64, 128, 4, 4, 1),
             _c(64, 64, 128, 4, 4, 1), _c(16, 128, 128, 4, 3, 1), _c(64, 128, 128, 4, 3, 1)]
-_SMALL_M_TURING = [_c(16, 64, 64, 4, 2, 1), _c(32, 64, 64, 4, 2, 1)]
 
 _OVERRIDE: Optional[List[dict]] = None
 _KERNELS: Dict[tuple, object] = {}
@@ -147,7 +144,9 @@ def _config_list(arch: str, small: bool, group: int) -> List[dict]:
     if _OVERRIDE is not None:
         cfgs = _OVERRIDE
     elif arch == "turing":
-        cfgs = _SMALL_M_TURING if small else _TURING
+        # Triton 3.x cannot lower an int8 tl.dot for sm_75 (TritonGPUAccelerateMatmul fails); the backend's
+        # check() refuses these GPUs, so reaching this is a caller bug.
+        raise RuntimeError("the Triton INT8 GEMM needs compute capability 8.0 or newer")
     elif arch == "interp":
         cfgs = [_c(16, 32, 32, 4, 1, 1)]
     elif small:

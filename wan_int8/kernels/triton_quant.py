@@ -126,10 +126,13 @@ def _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G: tl.constexpr, HC: tl.constexpr, DO
 @triton.jit
 def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K, stride_xm, stride_xk,
                           inv_sqrt_g, BLOCK_M: tl.constexpr, G: tl.constexpr, HC: tl.constexpr,
-                          HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, DOT_F32: tl.constexpr):
+                          HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, DOT_F32: tl.constexpr,
+                          CHUNK_LOOP: tl.constexpr):
     """Rotation by diag(signs)·blockdiag(H_G) along K (K % G == 0), then per-row quantization (two passes).
 
-    H is applied HC output columns at a time so its tile (G x HC) fits shared memory on every GPU.
+    H is applied HC output columns at a time.  With an unrolled chunk loop the compiler hoists the whole H
+    (G*G elements) into shared memory once per program (fastest; 128 KB for bf16 G=256); CHUNK_LOOP keeps
+    one G x HC chunk resident instead (re-read from L1/L2), for GPUs with less shared memory.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -142,16 +145,27 @@ def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col0 in range(0, K, G):
             x = _load_group(x_row, rmask, sign_ptr, col0, stride_xk, G, HAS_SIGNS, DOT_F32)
-            for c0 in tl.static_range(0, G, HC):
-                y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
-                amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+            if CHUNK_LOOP:
+                for c0 in range(0, G, HC):
+                    y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
+                    amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+            else:
+                for c0 in tl.static_range(0, G, HC):
+                    y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
+                    amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
         s = tl.div_rn(tl.maximum(amax, 1e-30), 127.0)
     for col0 in range(0, K, G):
         x = _load_group(x_row, rmask, sign_ptr, col0, stride_xk, G, HAS_SIGNS, DOT_F32)
-        for c0 in tl.static_range(0, G, HC):
-            y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
-            ocols = (col0 + c0 + tl.arange(0, HC)).to(tl.int64)
-            tl.store(q_row + ocols[None, :], _codes(y, s[:, None]), mask=rmask[:, None])
+        if CHUNK_LOOP:
+            for c0 in range(0, G, HC):
+                y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
+                ocols = (col0 + c0 + tl.arange(0, HC)).to(tl.int64)
+                tl.store(q_row + ocols[None, :], _codes(y, s[:, None]), mask=rmask[:, None])
+        else:
+            for c0 in tl.static_range(0, G, HC):
+                y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
+                ocols = (col0 + c0 + tl.arange(0, HC)).to(tl.int64)
+                tl.store(q_row + ocols[None, :], _codes(y, s[:, None]), mask=rmask[:, None])
     tl.store(s_ptr + rows, s, mask=rmask)
 
 
@@ -192,6 +206,23 @@ def rotation_unsupported(kind: str, g: int, k: int) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _smem_budget_cached(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if not optin:
+        major, minor = props.major, props.minor
+        optin = {(8, 0): 163 * 1024, (9, 0): 227 * 1024, (8, 7): 163 * 1024}.get((major, minor), 99 * 1024)
+    return int(optin) - 8 * 1024   # headroom for reductions/layout conversions
+
+
+def _smem_budget(device: torch.device) -> int:
+    """Shared memory one program may use (bytes); the interpreter has no limit worth modelling."""
+    if device.type != "cuda" or _interpreting():
+        return 1 << 30
+    return _smem_budget_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _dot_needs_f32(x: torch.Tensor) -> bool:
     if x.dtype == torch.float32 or _interpreting() or x.device.type != "cuda":
         return True
@@ -203,7 +234,8 @@ def _dot_needs_f32(x: torch.Tensor) -> bool:
 def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", group_size: int = 0,
                                signs: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None,
                                out: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None,
-                               block_m: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                               block_m: Optional[int] = None,
+                               chunk_loop: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token INT8 of `x [M, K]` (rotation fused) -> (int8 codes [M, K] contiguous, fp32 scales [M])."""
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D activation [M, K], got shape {tuple(x.shape)}")
@@ -244,8 +276,11 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
         raise ValueError(f"sign vector has {sg.numel()} entries, expected K={k}")
     hc = min(g, 64)
     bm = block_m or (16 if (m <= 16 or dot_f32) else 32)
+    x_tile = bm * g * (4 if dot_f32 else x.element_size())
+    if chunk_loop is None:
+        chunk_loop = g * g * h.element_size() + x_tile > _smem_budget(x.device)
     grid = (triton.cdiv(m, bm),)
     _quant_rotated_kernel[grid](x, q, s, static_t, sg, h, m, k, x.stride(0), x.stride(1), 1.0 / math.sqrt(g),
                                 BLOCK_M=bm, G=g, HC=hc, HAS_SIGNS=has_signs, STATIC=static, DOT_F32=dot_f32,
-                                num_warps=4)
+                                CHUNK_LOOP=chunk_loop, num_warps=4)
     return q, s
