@@ -76,13 +76,13 @@ def test_quantize_model_rules_and_report(settings_guard):
 
 
 def test_forced_backend_unavailable_is_logged_once(settings_guard, caplog):
-    set_settings(Settings(force_kernel="comfy_kitchen"))
+    set_settings(Settings(force_kernel="cublaslt"))
     q = Int8Linear.from_linear(nn.Linear(64, 32), name="blocks.7.self_attn.q")
     reset_kernel_stats()
     with caplog.at_level(logging.WARNING, logger="wan_int8.kernels"):
         q(torch.randn(3, 64))
         q(torch.randn(5, 64))
-    msgs = [r.getMessage() for r in caplog.records if "comfy_kitchen" in r.getMessage()]
+    msgs = [r.getMessage() for r in caplog.records if "cublaslt" in r.getMessage()]
     assert len(msgs) == 1 and "blocks.7.self_attn.q" in msgs[0] and "torch reference" in msgs[0]
     stats = REGISTRY.stats()
     assert stats[("reference", "K=64 N=32 row")] == 2
@@ -112,3 +112,50 @@ def test_torch_compile_no_graph_break(settings_guard):
     assert explanation.graph_break_count == 0
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), model(x))
+
+
+def test_measured_dispatch_keeps_the_fastest_and_persists(tmp_path, settings_guard):
+    import time as _time
+    from wan_int8.kernels.registry import REFERENCE, Backend, KernelRegistry, LinearCall, dispatch_key
+    runs = []
+
+    def make(name, delay):
+        def run(call):
+            runs.append(name)
+            _time.sleep(delay)
+            return REFERENCE.run(call)
+        return Backend(name, lambda call: None, run, priority=1, auto_on_cpu=True)
+
+    cache = tmp_path / "choices.json"
+    reg = KernelRegistry(cache_path=str(cache))
+    reg.register(make("slow", 0.02))
+    reg.register(make("fast", 0.0))
+    reg.register(Backend("never", lambda call: "cannot", make("never", 0).run, priority=9, auto_on_cpu=True))
+    from wan_int8.quant import quantize_weight
+    w = quantize_weight(torch.randn(32, 64))
+    call = LinearCall(torch.randn(40, 64), w.qdata, w.scale, None, None, None, 0, 0, torch.float32, "l")
+    assert reg.choose(call, Settings()).name == "fast"
+    assert "never" not in runs and runs.count("slow") == 4 and runs.count("fast") == 4
+    import json
+    assert json.loads(cache.read_text()) == {dispatch_key(call): "fast"}
+    runs.clear()
+    call2 = LinearCall(torch.randn(60, 64), w.qdata, w.scale, None, None, None, 0, 0, torch.float32, "l")
+    assert dispatch_key(call2) == dispatch_key(call)  # same M bucket (64)
+    fresh = KernelRegistry(cache_path=str(cache))  # a second process: no measuring
+    fresh.register(make("slow", 0.02))
+    fresh.register(make("fast", 0.0))
+    assert fresh.choose(call2, Settings()).name == "fast" and runs == []
+
+
+def test_comfy_kitchen_backend_matches_reference_on_cpu(settings_guard):
+    ck = pytest.importorskip("comfy_kitchen")
+    from wan_int8.kernels.registry import REGISTRY, LinearCall
+    from wan_int8.quant import quantize_weight
+    backend = REGISTRY.get("comfy_kitchen")
+    for rot in (None, Rotation("regular", 64)):
+        w = quantize_weight(torch.randn(48, 128) * 0.05, rotation=rot)
+        x = outlier_input(19, 128, 3)
+        call = LinearCall(x, w.qdata, w.scale, torch.randn(48), None, None, 1 if rot else 0, 64 if rot else 0,
+                          torch.float32, "l")
+        assert backend.check(call) is None
+        assert rel_error(backend.run(call), REGISTRY.get("reference").run(call)) < 1e-5

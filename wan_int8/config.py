@@ -39,6 +39,7 @@ class Settings:
     disable_hadamard_quip: bool = False  # INT8_DISABLE_HADAMARD_QUIP: veto rotation even if requested
     hadamard_chunk_size: int = 2048      # HADAMARD_CHUNK_SIZE: rows per chunk when rotating very large inputs in torch
     hadamard_diagnostics: bool = False   # HADAMARD_DIAGNOSTICS: log rotation statistics (outlier ratio before/after)
+    cache_dir: str = dataclasses.field(default_factory=lambda: _default_cache_dir({}))  # WAN_INT8_CACHE_DIR
 
     @property
     def rotation_enabled(self) -> bool:
@@ -60,7 +61,16 @@ class Settings:
             disable_hadamard_quip=_flag(env, "INT8_DISABLE_HADAMARD_QUIP"),
             hadamard_chunk_size=_int(env, "HADAMARD_CHUNK_SIZE", 2048, minimum=0),
             hadamard_diagnostics=_flag(env, "HADAMARD_DIAGNOSTICS"),
+            cache_dir=_default_cache_dir(env),
         )
+
+
+def _default_cache_dir(env: Mapping[str, str]) -> str:
+    """Where measured kernel choices are kept: WAN_INT8_CACHE_DIR, else $XDG_CACHE_HOME/wan_int8, else ~/.cache."""
+    if env.get("WAN_INT8_CACHE_DIR"):
+        return env["WAN_INT8_CACHE_DIR"]
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "wan_int8")
 
 
 _TRUE = {"1", "true", "yes", "on", "enable", "enabled"}

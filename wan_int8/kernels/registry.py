@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
+import os
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -87,11 +90,13 @@ REFERENCE = Backend("reference", lambda call: None, _reference_run, priority=-10
 class KernelRegistry:
     """Backends by name; the choice per call; statistics of what ran."""
 
-    def __init__(self):
+    def __init__(self, cache_path: Optional[str] = None):
         self._backends: Dict[str, Backend] = {}
         self._lock = threading.Lock()
         self._stats: Dict[Tuple[str, str], int] = collections.Counter()
         self._warned: set = set()
+        self._cache_path = cache_path          # None: the settings' cache folder, resolved on first use
+        self._choices: Optional[Dict[str, str]] = None
         self.register(REFERENCE)
 
     def register(self, backend: Backend) -> None:
@@ -105,6 +110,7 @@ class KernelRegistry:
 
     # -- choosing -------------------------------------------------------------------------------
     def choose(self, call: LinearCall, settings: Settings) -> Backend:
+        """The backend for `call`: the forced one, else the fastest measured for this shape bucket."""
         forced = settings.force_kernel
         if forced != "auto":
             backend = self._backends.get(_FORCE_ALIASES.get(forced, forced))
@@ -117,19 +123,89 @@ class KernelRegistry:
                 return backend
             self._warn_once(call, backend.name, reason)
             return REFERENCE
-        best_reason = None
         on_cpu = call.x.device.type == "cpu"
+        candidates, first_refusal = [], None
         for backend in self.backends():
-            if on_cpu and not backend.auto_on_cpu:
+            if backend is REFERENCE or (on_cpu and not backend.auto_on_cpu):
                 continue
             reason = backend.check(call)
             if reason is None:
-                if best_reason is not None and backend is REFERENCE and call.x.device.type == "cuda":
-                    self._warn_once(call, best_reason[0], best_reason[1])
-                return backend
-            if best_reason is None:
-                best_reason = (backend.name, reason)
-        return REFERENCE
+                candidates.append(backend)
+            elif first_refusal is None:
+                first_refusal = (backend.name, reason)
+        if not candidates:
+            if first_refusal is not None and not on_cpu:
+                self._warn_once(call, *first_refusal)
+            return REFERENCE
+        if len(candidates) == 1:
+            return candidates[0]
+        key = dispatch_key(call)
+        choices = self._load_choices(settings)
+        name = choices.get(key)
+        if name is not None and any(b.name == name for b in candidates):
+            return self._backends[name]
+        if call.x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return candidates[0]  # no timing inside CUDA-graph capture: highest priority now, measure later
+        best = self._measure(candidates, call, key)
+        with self._lock:
+            choices[key] = best.name
+        self._save_choices(settings)
+        return best
+
+    def _measure(self, candidates: List[Backend], call: LinearCall, key: str, repeats: int = 3) -> Backend:
+        """Run each candidate once (compilation, tuning), then time `repeats` runs; keep the fastest."""
+        times = {}
+        for backend in candidates:
+            try:
+                backend.run(call)
+                _sync(call.x)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    backend.run(call)
+                _sync(call.x)
+                times[backend.name] = (time.perf_counter() - start) / repeats
+            except Exception as exc:  # a candidate that cannot run this shape is not chosen; say why, once
+                self._warn_once(call, backend.name, f"failed while being measured: {type(exc).__name__}: {exc}"[:300])
+        if not times:
+            return REFERENCE
+        best = min(times, key=times.get)
+        log.info("INT8 dispatch %s: %s -> %s", key,
+                 ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1])), best)
+        return self._backends[best]
+
+    # -- persisted choices ------------------------------------------------------------------------
+    def cache_file(self, settings: Settings) -> str:
+        return self._cache_path or os.path.join(settings.cache_dir, "dispatch-v1.json")
+
+    def _load_choices(self, settings: Settings) -> Dict[str, str]:
+        if self._choices is None:
+            with self._lock:
+                if self._choices is None:
+                    self._choices = _read_json(self.cache_file(settings))
+        return self._choices
+
+    def _save_choices(self, settings: Settings) -> None:
+        path = self.cache_file(settings)
+        with self._lock:
+            data = dict(self._choices or {})
+        try:
+            merged = {**_read_json(path), **data}
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(merged, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._warn_once_text(f"cannot save kernel choices to {path}: {exc}; they will be measured again next run")
+
+    def forget_choices(self) -> None:
+        with self._lock:
+            self._choices = {}
+
+    def _warn_once_text(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning("%s", text)
 
     def _warn_once(self, call: LinearCall, backend: str, reason: str) -> None:
         key = (backend, reason, call.k, call.n)
@@ -154,6 +230,38 @@ class KernelRegistry:
             self._stats.clear()
 
 
+def m_bucket(m: int) -> int:
+    """Token counts bucketed to the next power of two (capped): videos of other lengths reuse a choice."""
+    return min(1 << max(0, (m - 1).bit_length()), 1 << 17)
+
+
+def dispatch_key(call: LinearCall) -> str:
+    dev = call.x.device
+    if dev.type == "cuda":
+        cap = torch.cuda.get_device_capability(dev)
+        where = f"{torch.cuda.get_device_name(dev)} sm{cap[0]}{cap[1]}"
+    else:
+        where = dev.type
+    group = f"group{call.k // call.scale.shape[1]}" if call.scale.dim() == 2 else call.granularity
+    rot = f"{ROT_KINDS[call.rot_kind]}{call.rot_group}" if call.rot_kind else "norot"
+    return (f"{where}|M{m_bucket(call.m)}|K{call.k}|N{call.n}|{group}|{rot}|{str(call.x.dtype)[6:]}"
+            f"|{'bias' if call.bias is not None else 'nobias'}|{'static' if call.input_scale is not None else 'dyn'}")
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _read_json(path: str) -> Dict[str, str]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 # The seed's INT8_FORCE_KERNEL values map onto ours: its "ampere"/"fixed" kernels are our Triton GEMM, its
 # "fallback" was the torch path.
 _FORCE_ALIASES = {"ampere": "triton", "fixed": "triton", "fallback": "reference", "int_mm": "cublaslt"}
@@ -162,8 +270,10 @@ REGISTRY = KernelRegistry()
 
 
 def _register_builtin_backends(registry: KernelRegistry) -> None:
+    from .backends import register_torch_backends
     from .triton_backend import register_triton_backends  # imports no Triton until a kernel runs
     register_triton_backends(registry)
+    register_torch_backends(registry)
 
 
 _register_builtin_backends(REGISTRY)
