@@ -16,10 +16,9 @@ from .registry import REGISTRY, ROT_KINDS, LinearCall
 log = logging.getLogger("wan_int8.kernels")
 
 
-@torch.library.custom_op("wan_int8::int8_linear", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                    input_scale: Optional[torch.Tensor], signs: Optional[torch.Tensor], rot_kind: int,
-                    rot_group: int, name: str) -> torch.Tensor:
+def _int8_linear_impl(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                      input_scale: Optional[torch.Tensor], signs: Optional[torch.Tensor], rot_kind: int,
+                      rot_group: int, name: str) -> torch.Tensor:
     k = qdata.shape[1]
     x2 = x.reshape(-1, k)
     call = LinearCall(x2, qdata, scale, bias, input_scale, signs, rot_kind, rot_group, x.dtype, name)
@@ -38,6 +37,9 @@ def _int8_linear_op(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, b
     return out.reshape(*x.shape[:-1], call.n)
 
 
+_int8_linear_op = torch.library.custom_op("wan_int8::int8_linear", mutates_args=())(_int8_linear_impl)
+
+
 @_int8_linear_op.register_fake
 def _(x, qdata, scale, bias, input_scale, signs, rot_kind, rot_group, name):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
@@ -49,5 +51,8 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
     """`x [..., K]` through an INT8 weight `qdata [N, K]` with fp32 `scale` -> `[..., N]` in x.dtype."""
     if x.shape[-1] != qdata.shape[1]:
         raise ValueError(f"INT8 layer {name or '?'}: input has {x.shape[-1]} features, weight expects {qdata.shape[1]}")
-    return torch.ops.wan_int8.int8_linear(x, qdata, scale, bias, input_scale, signs, ROT_KINDS.index(rotation_kind),
-                                          rotation_group, name)
+    rot = ROT_KINDS.index(rotation_kind)
+    if torch.compiler.is_compiling():
+        # an opaque custom op for the compiler (fake shapes, no graph break); eager calls skip its Python layers
+        return torch.ops.wan_int8.int8_linear(x, qdata, scale, bias, input_scale, signs, rot, rotation_group, name)
+    return _int8_linear_impl(x, qdata, scale, bias, input_scale, signs, rot, rotation_group, name)

@@ -97,10 +97,12 @@ class KernelRegistry:
         self._warned: set = set()
         self._cache_path = cache_path          # None: the settings' cache folder, resolved on first use
         self._choices: Optional[Dict[str, str]] = None
+        self._fast: Dict[tuple, Backend] = {}   # in-memory: cheap call signature -> backend (no per-call checks)
         self.register(REFERENCE)
 
     def register(self, backend: Backend) -> None:
         self._backends[backend.name] = backend
+        self._fast.clear()
 
     def backends(self) -> List[Backend]:
         return sorted(self._backends.values(), key=lambda b: -b.priority)
@@ -110,7 +112,21 @@ class KernelRegistry:
 
     # -- choosing -------------------------------------------------------------------------------
     def choose(self, call: LinearCall, settings: Settings) -> Backend:
-        """The backend for `call`: the forced one, else the fastest measured for this shape bucket."""
+        """The backend for `call`: the forced one, else the fastest measured for this shape bucket.
+
+        Decisions are remembered per call signature (device, M bucket, shapes, dtypes, options, settings), so the
+        per-call cost after the first is one dict lookup."""
+        x, s = call.x, call.scale
+        sig = (settings, x.device, m_bucket(call.m), call.k, call.n, x.dtype, call.out_dtype, tuple(s.shape),
+               call.rot_kind, call.rot_group, call.signs is not None, call.bias is not None,
+               call.input_scale is not None, qdata_ok(call))
+        backend = self._fast.get(sig)
+        if backend is None:
+            backend = self._choose(call, settings)
+            self._fast[sig] = backend
+        return backend
+
+    def _choose(self, call: LinearCall, settings: Settings) -> Backend:
         forced = settings.force_kernel
         if forced != "auto":
             backend = self._backends.get(_FORCE_ALIASES.get(forced, forced))
@@ -201,6 +217,7 @@ class KernelRegistry:
     def forget_choices(self) -> None:
         with self._lock:
             self._choices = {}
+            self._fast.clear()
 
     def _warn_once_text(self, text: str) -> None:
         if text not in self._warned:
@@ -246,6 +263,12 @@ def dispatch_key(call: LinearCall) -> str:
     rot = f"{ROT_KINDS[call.rot_kind]}{call.rot_group}" if call.rot_kind else "norot"
     return (f"{where}|M{m_bucket(call.m)}|K{call.k}|N{call.n}|{group}|{rot}|{str(call.x.dtype)[6:]}"
             f"|{'bias' if call.bias is not None else 'nobias'}|{'static' if call.input_scale is not None else 'dyn'}")
+
+
+def qdata_ok(call: LinearCall) -> bool:
+    """Properties of the weight that backends check but the shape key does not capture."""
+    q = call.qdata
+    return q.device == call.x.device and q.dtype == torch.int8 and q.is_contiguous() and call.scale.device == q.device
 
 
 def _sync(x: torch.Tensor) -> None:
