@@ -235,7 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--keep", default=None, help="keep the demo's files in this folder")
     s.set_defaults(func=cmd_demo)
+    for module in _command_modules():
+        module.add_commands(sub)
     return p
+
+
+# Subcommands that live beside the code they drive: each module has `add_commands(subparsers)`.
+COMMAND_MODULES = ("wan_int8.lora.cli", "wan_int8.accuracy")
+
+
+def _command_modules():
+    import importlib
+    import importlib.util
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            yield importlib.import_module(name)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -84,9 +84,16 @@ class Int8Linear(nn.Module):
         return Rotation(self.rotation_kind, self.rotation_group, self.rotation_signs)
 
     # -- run ------------------------------------------------------------------------------------
+    # LoRA: an object with `apply(x, y) -> y` (wan_int8.lora) installed by the LoRA machinery; it adds its
+    # low-rank term into the INT8 output and never touches the int8 weight.  None: no LoRA.
+    lora = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale, self.rotation_kind,
-                           self.rotation_group, self.rotation_signs, self.layer_name)
+        y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale, self.rotation_kind,
+                        self.rotation_group, self.rotation_signs, self.layer_name)
+        if self.lora is not None:
+            y = self.lora.apply(x, y)
+        return y
 
     def _apply(self, fn, recurse=True):
         # Keep the int8 codes int8 and the scales fp32 whatever dtype the model is cast to; only move devices.
