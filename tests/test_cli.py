@@ -72,7 +72,8 @@ def test_demo_runs_within_tolerance(capsys):
     assert main(["demo", "--device", "cpu", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     row = [l for l in out.splitlines() if l.startswith("| int8 |")][0]
-    rel, cos = float(row.split("|")[2]), float(row.split("|")[4])
+    rel, mean_rel, cos = float(row.split("|")[2]), float(row.split("|")[3]), float(row.split("|")[5])
+    assert 0 < mean_rel < 0.03
     assert 0 < rel < 0.03 and cos > 0.999
     assert "INT8 kernels that ran: reference" in out
 

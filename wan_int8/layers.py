@@ -55,6 +55,8 @@ class Int8Linear(nn.Module):
     def from_int8_weight(cls, weight: Int8Weight, bias: Optional[torch.Tensor] = None, name: str = "") -> "Int8Linear":
         weight.validate(name or "layer")
         n, k = weight.qdata.shape
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise QuantFormatError(f"{name or 'layer'}: bias has shape {list(bias.shape)}, expected [{n}]")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features, layer.layer_name = k, n, name

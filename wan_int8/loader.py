@@ -242,9 +242,14 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     parent, _, child = name.rpartition(".")
     try:
         owner = model.get_submodule(parent) if parent else model
-        getattr(owner, child)
+        current = getattr(owner, child)
     except AttributeError:
         raise QuantFormatError(f"checkpoint layer {name!r} does not exist in the Wan model") from None
+    expected = tuple(getattr(current, "weight").shape)
+    got = (module.out_features, module.in_features)
+    if expected != got:
+        raise QuantFormatError(f"checkpoint layer {name!r} has weight shape {list(got)}, the model expects "
+                               f"{list(expected)}")
     setattr(owner, child, module)
 
 

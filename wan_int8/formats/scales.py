@@ -55,6 +55,8 @@ def _check_group(g: int, where: str, shape) -> None:
 
 def canonical_scale(scale: torch.Tensor, n: int, k: int, where: str, group_hint: Optional[int] = None) -> torch.Tensor:
     """The canonical fp32 scale: `[]`, `[N]` or `[N, K/g]` (see the module table)."""
+    if not scale.is_floating_point():
+        raise QuantFormatError(f"{where}: weight scale has dtype {scale.dtype}; a scale must be a float tensor")
     kind, g, _ = scale_kind(tuple(scale.shape), n, k, where, group_hint)
     s = scale.to(torch.float32)
     if kind == "tensor":
