@@ -1,0 +1,289 @@
+"""The node pack inside a real ComfyUI (CPU): our loader node vs stock loading, LoRA injections on real
+ModelPatchers, stock LoRA on our layers, the saver, and files our CLI writes in stock ComfyUI.
+
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout (>= 0.29 with comfy-kitchen importable).  Packages
+ComfyUI imports but these tests never execute (torchvision, transformers, ...) are replaced by empty import
+stubs when they are not installed.
+"""
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout")
+
+_STUB_ROOTS = ("torchvision", "torchaudio", "av", "torchsde", "transformers", "sentencepiece", "tokenizers",
+               "kornia", "spandrel", "aiohttp", "yarl", "blake3", "simpleeval", "sqlalchemy", "alembic")
+
+
+class _Anything:
+    def __init__(self, *a, **k):
+        pass
+
+    def __call__(self, *a, **k):
+        return _Anything()
+
+    def __getattr__(self, name):
+        return _Anything()
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Anything()
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots):
+        self.roots = roots
+
+    def find_spec(self, name, path, target=None):
+        return importlib.machinery.ModuleSpec(name, self, is_package=True) if name.split(".")[0] in self.roots else None
+
+    def create_module(self, spec):
+        m = _StubModule(spec.name)
+        m.__path__ = []
+        return m
+
+    def exec_module(self, module):
+        pass
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    pytest.importorskip("comfy_kitchen")
+    missing = {r for r in _STUB_ROOTS if importlib.util.find_spec(r) is None}
+    if missing:
+        sys.meta_path.insert(0, _StubFinder(missing))
+    sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    import folder_paths  # noqa: F401
+    return comfy
+
+
+@pytest.fixture
+def files(comfy, tmp_path):
+    """A tiny bf16 Wan, registered as a diffusion model; a LoRA file for it."""
+    import folder_paths
+    from wan_int8.formats.safetensors_io import save_tensors
+    from wan_int8.models.tiny_wan import build_tiny_wan_state_dict
+    models, loras = tmp_path / "diffusion_models", tmp_path / "loras"
+    models.mkdir()
+    loras.mkdir()
+    sd = build_tiny_wan_state_dict(seed=4, dtype=torch.bfloat16)
+    save_tensors(str(models / "tiny_bf16.safetensors"), sd)
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for layer in ("blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.0.cross_attn.o"):
+        n, k = sd[f"{layer}.weight"].shape
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(8, k, generator=g) / k ** 0.5
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(n, 8, generator=g) * 0.5
+    save_tensors(str(loras / "tiny_lora.safetensors"), lora)
+    folder_paths.add_model_folder_path("diffusion_models", str(models))
+    folder_paths.add_model_folder_path("loras", str(loras))
+    return models, loras, sd, lora
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 16, 2, 16, 16, generator=g), torch.tensor([700.0]), torch.randn(1, 24, 4096, generator=g)
+
+
+def _run(comfy, patcher):
+    x, t, ctx = _inputs()
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patcher])
+        return patcher.model.apply_model(x, t, c_crossattn=ctx).float()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _stock(comfy, path):
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    # stock ComfyUI 0.29 cannot move QuantizedTensor weights inside inference mode on CPU; load it outside
+    comfy.model_management.load_models_gpu([patcher])
+    return patcher
+
+
+def _loader_node(name, **kw):
+    from wan_int8.comfy.nodes import WanVideoINT8Loader
+    args = dict(unet_name=name, model_type="wan", quantization_mode="auto", offload_to_cpu="disable",
+                auto_convert_to_int8="enable", debug_mode=False)
+    args.update(kw)
+    with torch.inference_mode():   # as ComfyUI's executor runs nodes
+        return WanVideoINT8Loader().load_unet(**args)[0]
+
+
+@pytest.mark.parametrize("mode,rotation", [("auto", "off"), ("tensorwise", "off"), ("rowwise", "on"),
+                                           ("blockwise", "off")])
+def test_loader_node_matches_stock_bf16(comfy, files, mode, rotation):
+    from comfy.quant_ops import QuantizedTensor
+    from wan_int8 import reset_kernel_stats
+    from wan_int8.kernels.registry import REGISTRY
+    models, _, _, _ = files
+    ours = _loader_node("tiny_bf16.safetensors", quantization_mode=mode, rotation=rotation, debug_mode=True)
+    q = ours.model.diffusion_model.blocks[0].self_attn.q
+    assert isinstance(q.weight, QuantizedTensor) and q.weight._qdata.dtype == torch.int8
+    assert q.layout_type == ("WanInt8GroupwiseLayout" if mode == "blockwise" else "TensorWiseINT8Layout")
+    assert not isinstance(ours.model.diffusion_model.text_embedding[0].weight, QuantizedTensor)  # kept float
+    stock = _stock(comfy, models / "tiny_bf16.safetensors")
+    reset_kernel_stats()
+    a, b = _run(comfy, ours), _run(comfy, stock)
+    assert sum(REGISTRY.stats().values()) == 20       # every block linear ran through our op
+    err = _rel(a, b)
+    print(f"{mode} rotation={rotation}: rel err vs stock bf16 {err:.3e}")
+    assert err < (0.05 if mode == "tensorwise" else 0.03)
+    assert ours.model_size() < stock.model_size()      # the memory manager sees the int8 size
+
+
+def test_cli_native_file_loads_in_stock_comfyui(comfy, files, tmp_path):
+    from comfy.quant_ops import QuantizedTensor
+    from wan_int8.loader import LoadConfig, write_native
+    models, _, _, _ = files
+    out = models / "tiny_native.safetensors"
+    write_native(str(models / "tiny_bf16.safetensors"), str(out), LoadConfig(rotate=True))
+    stock = _stock(comfy, out)
+    assert isinstance(stock.model.diffusion_model.blocks[0].ffn[0].weight, QuantizedTensor)
+    ours = _loader_node("tiny_native.safetensors")
+    a, b = _run(comfy, ours), _run(comfy, stock)
+    # same codes and scales: only activation rounding differs (ComfyUI rotates/divides in the input dtype)
+    assert _rel(a, b) < 2e-3, _rel(a, b)
+
+
+class _TestLoraBackend:
+    """A LoRA runtime for the plumbing tests: `y += s * (x A^T) B^T` per layer, from kohya-style up/down keys."""
+
+    def __init__(self):
+        self.loads = 0
+
+    def load(self, path):
+        from safetensors.torch import load_file
+        self.loads += 1
+        sd = load_file(path)
+        out = {}
+        for k, v in sd.items():
+            if k.endswith(".lora_down.weight"):
+                layer = k[len("diffusion_model."):-len(".lora_down.weight")]
+                out[layer] = (v.float(), sd[k.replace("lora_down", "lora_up")].float())
+        return out
+
+    def install(self, model, stack):
+        touched = []
+        for layer in {name for parsed, _ in stack for name in parsed}:
+            pairs = [(parsed[layer], s) for parsed, s in stack if layer in parsed]
+            module = model.get_submodule(layer)
+            module.lora = _Slot(pairs)
+            touched.append(module)
+
+        def remove():
+            for m in touched:
+                del m.lora
+        return remove
+
+    def bake(self, name, weight, stack):
+        from wan_int8.quant.int8 import dequantize, quantize_weight
+        pairs = [(parsed[name], s) for parsed, s in stack if name in parsed]
+        if not pairs:
+            return weight
+        w = dequantize(weight)
+        for (down, up), s in pairs:
+            w = w + s * up @ down
+        return quantize_weight(w, weight.granularity, weight.group_size, weight.rotation)
+
+
+class _Slot:
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def apply(self, x, y):
+        for (down, up), s in self.pairs:
+            y = y + s * ((x.float() @ down.t()) @ up.t()).to(y.dtype)
+        return y
+
+
+def test_lora_nodes_per_clone_state_on_real_patchers(comfy, files):
+    from wan_int8.comfy.lora import installed_stack, stack_of
+    from wan_int8.comfy.nodes import WanLoRALoaderINT8, WanLoRAStackINT8
+    base = _loader_node("tiny_bf16.safetensors")
+    backend = _TestLoraBackend()
+    node = WanLoRALoaderINT8()
+    with torch.inference_mode():
+        one = node.load_lora(base, "tiny_lora.safetensors", 1.0, "disable", backend=backend)[0]
+        half = node.load_lora(base, "tiny_lora.safetensors", 0.5, "disable", backend=backend)[0]
+        both = node.load_lora(one, "tiny_lora.safetensors", 1.0, "disable", backend=backend)[0]   # stacked
+        stacked = WanLoRAStackINT8().apply(base, backend=backend, lora_1="tiny_lora.safetensors", strength_1=2.0,
+                                           lora_2="tiny_lora.safetensors", strength_2=1.0, enabled_2=False)[0]
+    assert backend.loads == 1
+    assert base.get_injections("wan_int8_lora") is None and len(stack_of(both).entries) == 2
+
+    y0 = _run(comfy, base)
+    assert installed_stack(base) is None
+    y1 = _run(comfy, one)
+    assert installed_stack(one) is stack_of(one)
+    yh = _run(comfy, half)
+    y2 = _run(comfy, both)
+    ys = _run(comfy, stacked)
+    y0_again = _run(comfy, base)                       # the LoRA-free branch is untouched by the others
+    assert torch.equal(y0, y0_again) and installed_stack(base) is None
+    d1, dh, d2 = y1 - y0, yh - y0, y2 - y0
+    assert d1.norm() > 1e-3 * y0.norm()
+    # the side path is linear in the strength up to the blocks' non-linearity: compare directions and sizes
+    assert 0.3 < (dh.norm() / d1.norm()).item() < 0.7
+    assert 1.4 < (d2.norm() / d1.norm()).item() < 2.6
+    assert _rel(ys, y2) < 1e-5                        # strength 2 in one stack == two stacked strength-1 nodes
+
+
+def test_stock_lora_on_our_layers_and_saver(comfy, files, tmp_path):
+    """ComfyUI's own LoraLoaderModelOnly path (add_patches + requantize) works on our models; the saver writes
+    a file stock ComfyUI loads, with our LoRA stack merged when asked."""
+    import comfy.sd
+    import comfy.utils
+    from wan_int8.comfy.lora import LoraSpec, add_loras
+    from wan_int8.comfy.save import save_native
+    models, loras, _, _ = files
+    base = _loader_node("tiny_bf16.safetensors")
+    lora_sd = comfy.utils.load_torch_file(str(loras / "tiny_lora.safetensors"), safe_load=True)
+    with torch.inference_mode():
+        stock_lora, _ = comfy.sd.load_lora_for_models(base, None, lora_sd, 1.0, 0.0)
+    y0 = _run(comfy, base)
+    y_stock = _run(comfy, stock_lora)
+    backend = _TestLoraBackend()
+    ours = add_loras(base, [LoraSpec(str(loras / "tiny_lora.safetensors"), 1.0)], backend)
+    y_ours = _run(comfy, ours)
+    print(f"stock LoRA vs wan-int8 LoRA: rel {_rel(y_stock, y_ours):.3e}; LoRA effect {_rel(y_ours, y0):.3e}")
+    assert _rel(y_ours, y0) > 0.01 and _rel(y_stock, y_ours) < 0.2 * _rel(y_ours, y0)
+
+    out = tmp_path / "saved.safetensors"
+    save_native(ours, str(out), bake=True, backend=backend)
+    saved = _stock(comfy, out)
+    y_saved = _run(comfy, saved)
+    assert _rel(y_saved, y_ours) < 0.2 * _rel(y_ours, y0)
+    plain = tmp_path / "plain.safetensors"
+    save_native(base, str(plain))
+    assert _rel(_run(comfy, _stock(comfy, plain)), y0) < 2e-3
+
+
+def test_pack_registers_nodes_without_touching_the_gpu(comfy):
+    spec = importlib.util.spec_from_file_location(
+        "wan_int8_pack", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "__init__.py"))
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"WanVideoINT8Loader", "WanLoRALoaderINT8", "WanLoRALoaderWithCLIPINT8",
+                                             "WanLoRAStackINT8", "WanINT8ModelSaver"}
+    assert not torch.cuda.is_initialized()
