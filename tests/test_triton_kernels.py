@@ -207,3 +207,56 @@ def test_check_reasons(monkeypatch):
     assert "dtype" in check(_call(x.to(torch.float64), w))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CPU" in check(_call(x, w))
+
+
+def test_rounding_ties_and_bounds():
+    """Exact half-even rounding (the 1.5*2^23 add) on values placed exactly on .5 boundaries, and the clamp."""
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    k = 64
+    codes = torch.arange(-127, 128, dtype=torch.float32)
+    vals = torch.cat([codes + 0.5, codes - 0.5, codes])[:k * 6].reshape(6, k)
+    vals[:, 0] = 127.0   # absmax 127 -> scale exactly 1
+    q, s = quantize_activation_triton(vals)
+    _check_codes(q, s, *quantize_activation(vals), exact=True)
+
+
+@pytest.mark.parametrize("m,dtype,signs", [(1, torch.float32, True), (9, torch.bfloat16, False), (17, torch.float16, True)])
+@pytest.mark.parametrize("kind", ["regular", "sylvester"])
+def test_kron_rotated_quantizer(m, dtype, signs, kind):
+    """One-pass Kronecker (16x16 ⊗ 16x16) rotation for g=256, K not a power of two (padded columns)."""
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    k = 768
+    x = _activation(m, k, dtype, 300 + m)
+    sg = _signs(k, m) if signs else None
+    q = torch.full((m, k), -128, dtype=torch.int8)
+    s = torch.full((m,), float("nan"))
+    quantize_activation_triton(x, kind, 256, sg, out=q, out_scale=s, config=dict(method="kron", BLOCK_M=2, SPLIT=0))
+    qr, sr = quantize_activation(x, Rotation(kind, 256, sg))
+    # two 16-term sums instead of one 256-term sum: the rotated absmax can move by a few more fp32 ulps
+    torch.testing.assert_close(s, sr, rtol=16 * 2.0 ** -23, atol=0)
+    _check_codes(q, sr, qr, sr, exact=False)
+
+
+def test_kron_factorisation_matches_hadamard():
+    from wan_int8.kernels.triton_quant import KRON_GROUPS, pm1_hadamard
+    for kind in ("regular", "sylvester"):
+        for g, g1 in KRON_GROUPS.items():
+            h1 = pm1_hadamard(kind, g1, torch.float64, torch.device("cpu"))
+            assert torch.equal(torch.kron(h1, h1), pm1_hadamard(kind, g, torch.float64, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("variant", ["persistent", "tma"])
+@pytest.mark.parametrize("mode", ["tensor", "row", "group"])
+def test_persistent_gemm(variant, mode):
+    from wan_int8.kernels.triton_gemm import int8_gemm, tma_supported
+    if variant == "tma" and tma_supported(torch.device("cpu")) is not None:
+        pytest.skip(f"tensor descriptors unavailable: {tma_supported(torch.device('cpu'))}")
+    m, n, k = 37, 80, 256
+    w = _weight(n, k, mode, 64 if mode == "group" else 0, seed=7)
+    x = _activation(m, k, torch.bfloat16, seed=8)
+    xq, sx = quantize_activation(x)
+    bias = torch.randn(n) if mode == "row" else None
+    ref = _gemm_dequant(xq, sx, w, bias)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32)
+    y = int8_gemm(xq, w.qdata, sx, w.scale, bias, torch.float32, out=out, variant=variant)
+    _assert_gemm_close(y, ref, torch.float32, 64 if mode == "group" else 0)

@@ -45,17 +45,29 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _round_half_even(v):
-    # exact for |v| < 2^22 (callers clamp to [-127, 127] first); v - floor(v) is exact in that range
-    fl = tl.floor(v)
-    frac = v - fl
-    odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
-    up = (frac > 0.5) | ((frac == 0.5) & odd)
-    return tl.where(up, fl + 1.0, fl)
+    # v already clamped to [-127, 127].  v + 1.5*2^23 is one IEEE add (round-to-nearest-even) whose result has
+    # ulp 1, so its low mantissa bits ARE rint_half_even(v) + 2^22: reinterpret and subtract.  Exact for
+    # |v| < 2^22, full-rate ALU (no cvt/frnd), and no float subtraction the compiler could reassociate.
+    t = v + 12582912.0
+    return t.to(tl.int32, bitcast=True) - 0x4B400000
 
 
 @triton.jit
-def _codes(v, s):
-    v = tl.div_rn(v, s)
+def _div(x, s, r, FAST_DIV: tl.constexpr):
+    """IEEE x / s (round to nearest).  FAST_DIV: from r = RN(1/s) (one div_rn per row), q0 = RN(x*r) is within
+    1 ulp, and one FMA correction q0 + (x - q0*s)*r (residual exact by FMA) gives exactly RN(x/s) (Markstein's
+    theorem; verified against torch's division by bench/kernel_sweep.py).  No per-element MUFU/slow path."""
+    if FAST_DIV:
+        q0 = x * r
+        e = tl.fma(-q0, s, x)
+        return tl.fma(e, r, q0)
+    else:
+        return tl.div_rn(x, s)
+
+
+@triton.jit
+def _codes(v, s, r, FAST_DIV: tl.constexpr = False):
+    v = _div(v, s, r, FAST_DIV)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     return _round_half_even(v).to(tl.int8)
 
@@ -63,14 +75,14 @@ def _codes(v, s):
 @triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_xk,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
-                       STATIC: tl.constexpr):
+                       STATIC: tl.constexpr, FAST_DIV: tl.constexpr = False):
     """No rotation.  ONE_PASS: the whole row (BLOCK_K >= K) stays in registers between absmax and quantize."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < M
     x_row = x_ptr + rows[:, None] * stride_xm
     q_row = q_ptr + rows[:, None] * K
-    cols0 = tl.arange(0, BLOCK_K).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_K)
     if STATIC:
         s = tl.load(static_ptr + tl.zeros([BLOCK_M], dtype=tl.int32)).to(tl.float32)
     if ONE_PASS:
@@ -78,7 +90,8 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_
         x = tl.load(x_row + cols0[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
         if not STATIC:
             s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30), 127.0)
-        tl.store(q_row + cols0[None, :], _codes(x, s[:, None]), mask=mask)
+        r = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), s)
+        tl.store(q_row + cols0[None, :], _codes(x, s[:, None], r[:, None], FAST_DIV), mask=mask)
     else:
         if not STATIC:
             amax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -88,11 +101,12 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_
                 x = tl.load(x_row + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
             s = tl.div_rn(tl.maximum(amax, 1e-30), 127.0)
+        r = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), s)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + cols0
             mask = rmask[:, None] & (cols[None, :] < K)
             x = tl.load(x_row + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_row + cols[None, :], _codes(x, s[:, None]), mask=mask)
+            tl.store(q_row + cols[None, :], _codes(x, s[:, None], r[:, None], FAST_DIV), mask=mask)
     tl.store(s_ptr + rows, s, mask=rmask)
 
 
@@ -127,7 +141,7 @@ def _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G: tl.constexpr, HC: tl.constexpr, DO
 def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K, stride_xm, stride_xk,
                           inv_sqrt_g, BLOCK_M: tl.constexpr, G: tl.constexpr, HC: tl.constexpr,
                           HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, DOT_F32: tl.constexpr,
-                          CHUNK_LOOP: tl.constexpr):
+                          CHUNK_LOOP: tl.constexpr, FAST_DIV: tl.constexpr = False):
     """Rotation by diag(signs)·blockdiag(H_G) along K (K % G == 0), then per-row quantization (two passes).
 
     H is applied HC output columns at a time.  With an unrolled chunk loop the compiler hoists the whole H
@@ -154,18 +168,103 @@ def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K
                     y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
                     amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
         s = tl.div_rn(tl.maximum(amax, 1e-30), 127.0)
+    r = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), s)
     for col0 in range(0, K, G):
         x = _load_group(x_row, rmask, sign_ptr, col0, stride_xk, G, HAS_SIGNS, DOT_F32)
         if CHUNK_LOOP:
             for c0 in range(0, G, HC):
                 y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
                 ocols = (col0 + c0 + tl.arange(0, HC)).to(tl.int64)
-                tl.store(q_row + ocols[None, :], _codes(y, s[:, None]), mask=rmask[:, None])
+                tl.store(q_row + ocols[None, :], _codes(y, s[:, None], r[:, None], FAST_DIV), mask=rmask[:, None])
         else:
             for c0 in tl.static_range(0, G, HC):
                 y = _rotate_cols(x, h_ptr, c0, inv_sqrt_g, G, HC, DOT_F32)
                 ocols = (col0 + c0 + tl.arange(0, HC)).to(tl.int64)
-                tl.store(q_row + ocols[None, :], _codes(y, s[:, None]), mask=rmask[:, None])
+                tl.store(q_row + ocols[None, :], _codes(y, s[:, None], r[:, None], FAST_DIV), mask=rmask[:, None])
+    tl.store(s_ptr + rows, s, mask=rmask)
+
+
+@triton.jit
+def _split3_dot(z, h, SPLIT: tl.constexpr):
+    """z (fp32) @ h (±1, exact in any dtype) with fp32-level accuracy on bf16 tensor cores.
+
+    SPLIT 3: z = hi + mid + lo, three bf16 pieces holding all 24 mantissa bits (each piece is the bf16
+    rounding of what is left), three dots accumulated smallest first.  SPLIT 0: one fp32 `ieee` dot (FMA)."""
+    if SPLIT == 3:
+        hb = h.to(tl.bfloat16)
+        hi = z.to(tl.bfloat16)
+        r1 = z - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(lo, hb, out_dtype=tl.float32)
+        acc = tl.dot(mid, hb, acc, out_dtype=tl.float32)
+        return tl.dot(hi, hb, acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(z, h.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _split3_dot_left(h, z, SPLIT: tl.constexpr):
+    """h (±1) @ z (fp32), batched 3-D, fp32-accurate as in `_split3_dot`."""
+    if SPLIT == 3:
+        hb = h.to(tl.bfloat16)
+        hi = z.to(tl.bfloat16)
+        r1 = z - hi.to(tl.float32)
+        mid = r1.to(tl.bfloat16)
+        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(hb, lo, out_dtype=tl.float32)
+        acc = tl.dot(hb, mid, acc, out_dtype=tl.float32)
+        return tl.dot(hb, hi, acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(h.to(tl.float32), z, input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def _quant_rot_kron_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K, stride_xm, stride_xk,
+                           inv_sqrt_g, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G1: tl.constexpr,
+                           HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, BF16_IN: tl.constexpr,
+                           SPLIT: tl.constexpr, FAST_DIV: tl.constexpr, BATCHED: tl.constexpr = False):
+    """One pass: rotation by blockdiag(H_g), g = G1*G1 and H_g = H_G1 (x) H_G1 (Kronecker; true for the
+    regular and Sylvester families), fused with per-row quantization, the whole row block in registers.
+
+    A group's 256 values as a G1 x G1 matrix X (row-major: index i*G1 + j) rotate to H·X·H (H symmetric):
+    stage 1 = X·H as a [rows*G1, G1] @ [G1, G1] dot (bf16 inputs times ±1: exact products, fp32 sums);
+    stage 2 = (X·H)ᵀ·H on the transposed result, fp32-accurate through the 3-way bf16 split (or an fp32
+    dot).  64 flops per element instead of 2*g for the dense g x g product; one HBM read, one write.
+    BLOCK_K = next_pow2(K) (a multiple of g); padded columns are zeros and rotate to zeros.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < M
+    cols = tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+    if HAS_SIGNS:
+        sg = tl.load(sign_ptr + cols, mask=cmask, other=0.0)
+        x = (x.to(tl.float32) * sg[None, :]).to(x.dtype)
+    hr = tl.arange(0, G1)
+    h = tl.load(h_ptr + hr[:, None] * G1 + hr[None, :])
+    R: tl.constexpr = BLOCK_M * BLOCK_K // G1
+    if BF16_IN:
+        z = tl.dot(tl.reshape(x, (R, G1)), h.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        z = tl.dot(tl.reshape(x.to(tl.float32), (R, G1)), h.to(tl.float32), input_precision="ieee",
+                   out_dtype=tl.float32)
+    if BATCHED:   # stage 2 as a batched H·Z (3-D dot): no transposes, the result is already row-major
+        z3 = tl.reshape(z, (R // G1, G1, G1))
+        hb = tl.broadcast_to(h[None, :, :], (R // G1, G1, G1))
+        y = tl.reshape(_split3_dot_left(hb, z3, SPLIT), (BLOCK_M, BLOCK_K)) * inv_sqrt_g
+    else:
+        zt = tl.reshape(tl.permute(tl.reshape(z, (R // G1, G1, G1)), (0, 2, 1)), (R, G1))
+        y = _split3_dot(zt, h, SPLIT)
+        y = tl.reshape(tl.permute(tl.reshape(y, (R // G1, G1, G1)), (0, 2, 1)), (BLOCK_M, BLOCK_K)) * inv_sqrt_g
+    if STATIC:
+        s = tl.load(static_ptr + tl.zeros([BLOCK_M], dtype=tl.int32)).to(tl.float32)
+    else:
+        s = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), 1e-30), 127.0)
+    r = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), s)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(y, s[:, None], r[:, None], FAST_DIV), mask=mask)
     tl.store(s_ptr + rows, s, mask=rmask)
 
 
@@ -231,16 +330,46 @@ def _dot_needs_f32(x: torch.Tensor) -> bool:
     return False
 
 
+# Per-row quantizer configurations, by next_pow2(K): (rows per program, warps).  Chosen by bench/kernel_sweep.py
+# (see its table); the sweep overrides them through `config=`.
+PLAIN_CONFIGS = {1024: (8, 4), 2048: (4, 4), 4096: (2, 4), 8192: (2, 8), 16384: (1, 16)}
+# Kronecker-rotated one-pass quantizer (g = 256): (rows per program, warps) by next_pow2(K).
+KRON_CONFIGS = {256: (8, 4), 512: (4, 4), 1024: (2, 4), 2048: (1, 4), 4096: (1, 8), 8192: (1, 8), 16384: (1, 16)}
+KRON_MAX_K = 16384
+KRON_BATCHED = False   # stage 2 as a batched 3-D dot instead of two transposes
+# g = G1 * G1 with H_g = H_G1 (x) H_G1 for both families (checked by tests against hadamard_matrix).
+KRON_GROUPS = {256: 16}
+
+
+def fast_div_default(device: torch.device) -> bool:
+    """Reciprocal + one FMA correction instead of a per-element IEEE division (same bits; GPU only: the
+    interpreter's fma rounds twice)."""
+    return device.type == "cuda" and not _interpreting() and os.environ.get("WAN_INT8_QUANT_EXACT_DIV", "0") == "0"
+
+
+def _plain_config(kp2: int):
+    for key in sorted(PLAIN_CONFIGS):
+        if kp2 <= key:
+            return PLAIN_CONFIGS[key]
+    return (1, 8)
+
+
 def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", group_size: int = 0,
                                signs: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None,
                                out: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None,
                                block_m: Optional[int] = None,
-                               chunk_loop: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token INT8 of `x [M, K]` (rotation fused) -> (int8 codes [M, K] contiguous, fp32 scales [M])."""
+                               chunk_loop: Optional[bool] = None,
+                               config: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 of `x [M, K]` (rotation fused) -> (int8 codes [M, K] contiguous, fp32 scales [M]).
+
+    `config` (benchmarks, tests) overrides the choice: BLOCK_M, num_warps, FAST_DIV, and for rotations
+    method ("kron" one-pass, or "dense" two-pass), SPLIT (3: bf16x3 tensor-core stage 2, 0: fp32 dot).
+    """
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D activation [M, K], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"unsupported activation dtype {x.dtype}")
+    cfg = config or {}
     m, k = x.shape
     q = out if out is not None else torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = out_scale if out_scale is not None else torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -250,37 +379,68 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
         return q, s
     static = input_scale is not None
     static_t = input_scale.to(device=x.device, dtype=torch.float32).reshape(1) if static else s
+    fast_div = cfg.get("FAST_DIV", fast_div_default(x.device))
     if rotation_kind in (None, "none"):
         kp2 = triton.next_power_of_2(k)
         if kp2 <= ONE_PASS_MAX_K:
             bk = kp2
-            bm = block_m or max(1, min(16, 4096 // kp2))
+            bm, warps = _plain_config(kp2)
+            if m <= 64:
+                bm = 1 if kp2 >= 4096 else bm   # spread small M over more SMs
             one_pass = True
         else:
-            bk, bm, one_pass = 4096, block_m or 1, False
-        warps = 8 if bk * bm >= 8192 else 4
+            bk, bm, warps, one_pass = 4096, 1, 8, False
+        bm = cfg.get("BLOCK_M", block_m or bm)
+        warps = cfg.get("num_warps", warps)
         grid = (triton.cdiv(m, bm),)
         _quant_rows_kernel[grid](x, q, s, static_t, m, k, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_K=bk,
-                                 ONE_PASS=one_pass, STATIC=static, num_warps=warps)
+                                 ONE_PASS=one_pass, STATIC=static, FAST_DIV=fast_div, num_warps=warps)
         return q, s
     reason = rotation_unsupported(rotation_kind, group_size, k)
     if reason:
         raise ValueError(reason)
     g = group_size
-    dot_f32 = _dot_needs_f32(x)
-    h_dtype = torch.float32 if dot_f32 else x.dtype
-    h = pm1_hadamard(rotation_kind, g, h_dtype, x.device)
     has_signs = signs is not None
     sg = signs.to(device=x.device, dtype=torch.float32).contiguous() if has_signs else s
     if has_signs and sg.numel() != k:
         raise ValueError(f"sign vector has {sg.numel()} entries, expected K={k}")
+    dot_f32 = _dot_needs_f32(x)
+    kp2 = triton.next_power_of_2(k)
+    method = cfg.get("method", "kron" if g in KRON_GROUPS and kp2 <= KRON_MAX_K and chunk_loop is None else "dense")
+    if method == "kron":
+        g1 = KRON_GROUPS[g]
+        h1 = pm1_hadamard(rotation_kind, g1, torch.float32, x.device)
+        bm, warps = KRON_CONFIGS.get(kp2, (1, 8))
+        bm = cfg.get("BLOCK_M", block_m or bm)
+        warps = cfg.get("num_warps", warps)
+        bf16_in = x.dtype == torch.bfloat16 and not dot_f32
+        split = cfg.get("SPLIT", 3 if bf16_in else 0)
+        grid = (triton.cdiv(m, bm),)
+        _quant_rot_kron_kernel[grid](x, q, s, static_t, sg, h1, m, k, x.stride(0), x.stride(1), 1.0 / math.sqrt(g),
+                                     BLOCK_M=bm, BLOCK_K=kp2, G1=g1, HAS_SIGNS=has_signs, STATIC=static,
+                                     BF16_IN=bf16_in, SPLIT=split, FAST_DIV=fast_div,
+                                     BATCHED=cfg.get("BATCHED", KRON_BATCHED), num_warps=warps)
+        return q, s
+    h_dtype = torch.float32 if dot_f32 else x.dtype
+    h = pm1_hadamard(rotation_kind, g, h_dtype, x.device)
     hc = min(g, 64)
-    bm = block_m or (16 if (m <= 16 or dot_f32) else 32)
+    bm = cfg.get("BLOCK_M", block_m or (16 if (m <= 16 or dot_f32) else 32))
     x_tile = bm * g * (4 if dot_f32 else x.element_size())
     if chunk_loop is None:
-        chunk_loop = g * g * h.element_size() + x_tile > _smem_budget(x.device)
+        chunk_loop = cfg.get("chunk_loop")
+    if chunk_loop is None:
+        # the hoisted H can be materialised once per pass (Hopper measured 296960 B for G=256): count it twice
+        chunk_loop = 2 * g * g * h.element_size() + x_tile > _smem_budget(x.device)
     grid = (triton.cdiv(m, bm),)
-    _quant_rotated_kernel[grid](x, q, s, static_t, sg, h, m, k, x.stride(0), x.stride(1), 1.0 / math.sqrt(g),
-                                BLOCK_M=bm, G=g, HC=hc, HAS_SIGNS=has_signs, STATIC=static, DOT_F32=dot_f32,
-                                CHUNK_LOOP=chunk_loop, num_warps=4)
+
+    def launch(chunk):
+        _quant_rotated_kernel[grid](x, q, s, static_t, sg, h, m, k, x.stride(0), x.stride(1), 1.0 / math.sqrt(g),
+                                    BLOCK_M=bm, G=g, HC=hc, HAS_SIGNS=has_signs, STATIC=static, DOT_F32=dot_f32,
+                                    CHUNK_LOOP=chunk, FAST_DIV=fast_div, num_warps=cfg.get("num_warps", 4))
+    try:
+        launch(chunk_loop)
+    except Exception as exc:   # shared memory over the limit on this GPU: the chunked variant always fits
+        if chunk_loop or "OutOfResources" not in type(exc).__name__ + str(exc):
+            raise
+        launch(True)
     return q, s

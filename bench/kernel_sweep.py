@@ -1,0 +1,596 @@
+"""Kernel sweep: every quantizer / GEMM variant and configuration, checked then timed, in one process.
+
+    python bench/kernel_sweep.py                      # H100/H200: ~6-8 minutes (--time-budget 420 by default)
+    TRITON_INTERPRET=1 python bench/kernel_sweep.py --cpu-smoke    # CPU, tiny sizes, exits 0
+
+Sections (each variant: correctness against the torch oracle in wan_int8.quant.int8 on fresh random inputs
+with 8 outlier channels (x20), outputs poisoned first; then the median of triton.testing.do_bench):
+  div    fast reciprocal+FMA division vs IEEE x/s on 2^24 random pairs (bitwise)
+  quant  plain per-token quantizer configs (codes bit-exact vs oracle), K = 5120, 13824
+  rot    regular-Hadamard-256 quantizer variants (codes within ±1 on <= 1e-3 of entries)
+  gemm   pointer-kernel configs and persistent (pointer / TMA) configs, row scales (fp32 output rel err < 1e-3)
+  group  group-128 GEMM variants
+  whole  best quantizer + best GEMM per shape: plain, rot256, group128 at M = 32760 and 75600, ratio to bf16
+  small  M = 512, 16, 1: GEMM configs, quantizer, whole linear via do_bench and via CUDA graph (host overhead)
+Baselines in the same run: bf16 F.linear, torch._int_mm, torch._scaled_mm (fp8 rowwise GEMM only).
+The compact table is printed last; the full JSON goes to $OUT/kernel_sweep.json (or ./kernel_sweep.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+RESULTS = []
+T0 = time.time()
+ARGS = None
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def over_budget():
+    return time.time() - T0 > ARGS.time_budget
+
+
+def bench(fn):
+    if not ARGS.cuda:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=ARGS.warmup, rep=ARGS.rep, return_mode="median"))
+
+
+def bench_graph(fn):
+    if not ARGS.cuda:
+        return None
+    import triton.testing
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=ARGS.rep, return_mode="median"))
+    except Exception as exc:
+        log(f"  cudagraph timing failed: {type(exc).__name__}: {exc}")
+        return None
+
+
+def record(section, name, shape, ms=None, err=None, note="", base_ms=None, flops=None, extra=None):
+    rec = dict(section=section, name=name, shape=shape, ms=ms, err=err, note=note,
+               ratio=(base_ms / ms if (ms and base_ms) else None),
+               tops=(flops / (ms * 1e-3) / 1e12 if (ms and flops) else None))
+    if extra:
+        rec.update(extra)
+    RESULTS.append(rec)
+    r = f"{rec['ratio']:.2f}x" if rec["ratio"] else ""
+    t = f"{rec['tops']:.0f}T" if rec["tops"] else ""
+    log(f"  {section:<6} {name:<40} {shape:<18} {ms if ms is None else round(ms, 4)} ms {r} {t} "
+        f"{'' if err is None else 'err=%s' % (err if isinstance(err, str) else '%.2e' % err)} {note}")
+    return rec
+
+
+def attempt(section, name, shape, fn):
+    """Run fn() -> dict(ms=..., err=..., ...) recording any exception (never fatal)."""
+    try:
+        out = fn()
+        return record(section, name, shape, **out)
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        if ARGS.verbose:
+            traceback.print_exc()
+        return record(section, name, shape, err=msg)
+    finally:
+        if ARGS.cuda:
+            torch.cuda.synchronize()
+
+
+def make_x(m, k, seed, dtype=torch.bfloat16):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if ARGS.cuda:
+        gc = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(m, k, generator=gc, device="cuda", dtype=torch.float32)
+    else:
+        x = torch.randn(m, k, generator=g)
+    cols = torch.randperm(k, generator=g)[:8].to(x.device)
+    x[:, cols] *= 20.0
+    return x.to(dtype)
+
+
+def make_w(n, k, seed):
+    if ARGS.cuda:
+        gc = torch.Generator(device="cuda").manual_seed(seed)
+        return (torch.randn(n, k, generator=gc, device="cuda") * 0.02).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
+
+
+def lab(m, k, n=None):
+    return f"{m}x{k}" + (f"x{n}" if n else "")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# checks
+
+def check_codes(q, s, x, rotation=None, rows=2048):
+    from wan_int8.quant.int8 import quantize_activation
+    rows = min(rows, x.shape[0])
+    idx = torch.cat([torch.arange(0, rows // 2), torch.arange(x.shape[0] - (rows - rows // 2), x.shape[0])]).to(x.device)
+    qr, sr = quantize_activation(x[idx], rotation)
+    qq, ss = q[idx], s[idx]
+    if bool((qq == -128).any()):
+        raise RuntimeError("unwritten codes (poison left)")
+    diff = (qq.to(torch.int16) - qr.to(torch.int16)).abs()
+    frac = float((diff > 0).float().mean())
+    if rotation is None:
+        if frac or not torch.equal(ss, sr):
+            raise RuntimeError(f"codes not bit-exact: {frac:.2e} differ, scales equal: {torch.equal(ss, sr)}")
+    elif int(diff.max()) > 1 or frac > 1e-3:
+        raise RuntimeError(f"rotated codes: max diff {int(diff.max())}, fraction {frac:.2e}")
+    return frac
+
+
+def gemm_relerr(y, xq, sx, wt, rows=1024):
+    from wan_int8.quant.int8 import _gemm_dequant
+    from wan_int8.quant.types import Int8Weight
+    rows = min(rows, xq.shape[0])
+    if not bool(torch.isfinite(y).all()):
+        raise RuntimeError("NaN/Inf in output (unwritten tiles?)")
+    ref = _gemm_dequant(xq[-rows:], sx[-rows:], Int8Weight(wt.qdata, wt.scale), None)
+    yy = y[-rows:].float()
+    ref0 = _gemm_dequant(xq[:rows], sx[:rows], Int8Weight(wt.qdata, wt.scale), None)
+    e = max(float((yy - ref).norm() / ref.norm()), float((y[:rows].float() - ref0).norm() / ref0.norm()))
+    if e > 1e-3:
+        raise RuntimeError(f"rel err {e:.3e} > 1e-3")
+    return e
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sections
+
+_DIVK = None
+
+
+def _div_kernel():
+    global _DIVK
+    if _DIVK is None:
+        import triton
+        import triton.language as tl
+        from wan_int8.kernels.triton_quant import _div
+
+        @triton.jit
+        def divk(x_ptr, s_ptr, y_ptr, n, B: tl.constexpr):
+            o = tl.program_id(0) * B + tl.arange(0, B)
+            m = o < n
+            x = tl.load(x_ptr + o, mask=m, other=1.0)
+            s = tl.load(s_ptr + o, mask=m, other=1.0)
+            r = tl.div_rn(tl.full([B], 1.0, tl.float32), s)
+            tl.store(y_ptr + o, _div(x, s, r, True), mask=m)
+        divk.fn.__globals__["_div"] = _div   # the jitted body resolves names in the module's globals
+        _DIVK = divk
+    return _DIVK
+
+
+def sec_div():
+    import triton
+    divk = _div_kernel()
+
+    def run():
+        n = (1 << 24) if ARGS.cuda else 4096
+        dev = "cuda" if ARGS.cuda else "cpu"
+        g = torch.Generator(device=dev).manual_seed(7)
+        x = torch.randn(n, generator=g, device=dev) * torch.exp2(torch.randint(-30, 30, (n,), generator=g, device=dev).float())
+        s = torch.rand(n, generator=g, device=dev).add_(0.5) * torch.exp2(torch.randint(-30, 30, (n,), generator=g, device=dev).float())
+        # the quantizer's case: s = amax/127, x/s in [-127, 127]
+        half = n // 2
+        s[:half] = x[:half].abs() * torch.rand(half, generator=g, device=dev).add_(1.0) / 127.0
+        s = s.clamp_min(1e-30)
+        y = torch.empty_like(x)
+        divk[(triton.cdiv(n, 1024),)](x, s, y, n, B=1024)
+        ref = x / s
+        bad = int((y.view(torch.int32) != ref.view(torch.int32)).sum())
+        if bad and ARGS.cuda:
+            raise RuntimeError(f"{bad} of {n} quotients differ from IEEE x/s: set WAN_INT8_QUANT_EXACT_DIV=1")
+        return dict(note=f"{bad} of {n} differ" + ("" if ARGS.cuda else " (interpreter fma rounds twice)"))
+    attempt("div", "fast_div vs x/s bitwise", "-", run)
+
+
+def sec_quant(ms_list, ks):
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    cfgs = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (1, 16), (2, 16), (4, 16)] if ARGS.cuda else [(1, 4), (2, 4)]
+    best = {}
+    for m in ms_list:
+        for k in ks:
+            if over_budget():
+                return best
+            x = make_x(m, k, 11 + k)
+            q = torch.full((m, k), -128, dtype=torch.int8, device=x.device)
+            s = torch.full((m,), float("nan"), device=x.device)
+            for fast in ((False, True) if ARGS.cuda else (False,)):
+                for bm, w in cfgs:
+                    if k > 8192 and bm > 2 or (k <= 8192 and w == 16 and bm < 2):
+                        continue
+                    if ARGS.cuda and not fast and (bm, w) not in ((1, 8), (2, 8)):
+                        continue
+                    cfg = dict(BLOCK_M=bm, num_warps=w, FAST_DIV=fast)
+                    name = f"plain bm{bm} w{w}{' fastdiv' if fast else ' divrn'}"
+
+                    def run(cfg=cfg):
+                        q.fill_(-128)
+                        quantize_activation_triton(x, config=cfg, out=q, out_scale=s)
+                        frac = check_codes(q, s, x)
+                        t = bench(lambda: quantize_activation_triton(x, config=cfg, out=q, out_scale=s))
+                        gbs = m * k * 3 / (t * 1e-3) / 1e9
+                        return dict(ms=t, err=frac, note=f"{gbs:.0f} GB/s", extra=dict(cfg=cfg))
+                    rec = attempt("quant", name, lab(m, k), run)
+                    if rec["ms"] and (k not in best or rec["ms"] < best[k][0]):
+                        best[k] = (rec["ms"], cfg)
+            del x, q, s
+    return best
+
+
+def sec_rot(m, ks):
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    from wan_int8.quant.types import Rotation
+    variants = []
+    for bm, w in ([(1, 4), (1, 8), (2, 8), (1, 16), (2, 16), (4, 16)] if ARGS.cuda else [(1, 4)]):
+        for split, batched in ((3, False), (3, True), (0, False)):
+            if split == 0 and (bm, w) not in ((1, 8), (1, 4)):
+                continue
+            variants.append((f"kron bm{bm} w{w} split{split}{' batched' if batched else ''}",
+                             dict(method="kron", BLOCK_M=bm, num_warps=w, SPLIT=split, BATCHED=batched)))
+    variants.append(("dense chunk_loop bm32", dict(method="dense", chunk_loop=True, BLOCK_M=32)))
+    variants.append(("dense chunk_loop bm16", dict(method="dense", chunk_loop=True, BLOCK_M=16)))
+    best = {}
+    for k in ks:
+        if over_budget():
+            return best
+        x = make_x(m, k, 21 + k)
+        q = torch.full((m, k), -128, dtype=torch.int8, device=x.device)
+        s = torch.full((m,), float("nan"), device=x.device)
+        for name, cfg in variants:
+            if cfg.get("method") == "kron" and k > 8192 and cfg["BLOCK_M"] > 2:
+                continue
+            if not ARGS.cuda and cfg.get("SPLIT") == 3:
+                continue   # the interpreter's bf16 dot is not a faithful model
+
+            def run(cfg=cfg):
+                q.fill_(-128)
+                quantize_activation_triton(x, "regular", 256, config=cfg, out=q, out_scale=s)
+                frac = check_codes(q, s, x, Rotation("regular", 256))
+                t = bench(lambda: quantize_activation_triton(x, "regular", 256, config=cfg, out=q, out_scale=s))
+                return dict(ms=t, err=frac, note=f"{m * k * 3 / (t * 1e-3) / 1e9:.0f} GB/s", extra=dict(cfg=cfg))
+            if over_budget():
+                break
+            rec = attempt("rot", name, lab(m, k), run)
+            if rec["ms"] and (k not in best or rec["ms"] < best[k][0]):
+                best[k] = (rec["ms"], cfg)
+        del x, q, s
+    return best
+
+
+def _c(bm, bn, bk, w, st, gm=8, **kw):
+    d = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=st)
+    d.update(kw)
+    return d
+
+
+PTR_CFGS = [_c(128, 128, 128, 8, 4), _c(128, 128, 128, 8, 3), _c(128, 128, 128, 8, 5), _c(128, 256, 128, 8, 3),
+            _c(256, 128, 128, 8, 3), _c(128, 128, 256, 8, 3), _c(128, 256, 64, 8, 4), _c(128, 128, 128, 8, 4, 16)]
+TMA_CFGS = [_c(128, 256, 128, 8, 3), _c(128, 256, 128, 8, 3, FLATTEN=True), _c(128, 256, 128, 8, 3, WARP_SPEC=True),
+            _c(256, 128, 128, 8, 3), _c(128, 128, 128, 8, 4), _c(128, 128, 128, 8, 4, FLATTEN=True),
+            _c(128, 128, 128, 8, 4, WARP_SPEC=True), _c(128, 128, 128, 4, 5), _c(128, 256, 128, 8, 3, 16)]
+GROUP_CFGS = [("ptr", _c(128, 128, 128, 8, 4)), ("ptr", _c(128, 128, 128, 8, 3)), ("ptr", _c(128, 128, 64, 8, 4)),
+              ("ptr", _c(128, 128, 64, 4, 5)), ("ptr", _c(128, 256, 64, 8, 3)), ("ptr", _c(128, 256, 128, 8, 3)),
+              ("tma", _c(128, 128, 128, 8, 3)), ("tma", _c(128, 128, 64, 8, 4)), ("tma", _c(128, 256, 64, 8, 3)),
+              ("tma", _c(128, 128, 128, 8, 4, WARP_SPEC=True))]
+SMALL_CFGS = [("ptr", _c(16, 32, 256, 4, 4, 1)), ("ptr", _c(16, 64, 128, 4, 4, 1)), ("ptr", _c(32, 64, 128, 4, 4, 1)),
+              ("ptr", _c(16, 128, 128, 4, 3, 1)), ("ptr", _c(64, 64, 128, 4, 4, 1)), ("ptr", _c(64, 128, 128, 4, 4)),
+              ("ptr", _c(128, 64, 128, 4, 4)), ("ptr", _c(64, 256, 128, 4, 4)), ("ptr", _c(64, 64, 256, 4, 3)),
+              ("ptr", _c(128, 128, 128, 8, 4)), ("tma", _c(64, 128, 128, 4, 4)), ("tma", _c(128, 64, 128, 4, 4))]
+
+
+def gemm_case(section, shape, wt, xq, sx, variant, cfg, base_ms, flops, name=None):
+    from wan_int8.kernels.triton_gemm import int8_gemm
+    m, n = xq.shape[0], wt.qdata.shape[0]
+    name = name or (f"{variant} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
+                    f"s{cfg['num_stages']} g{cfg['GROUP_M']}" + "".join(f" {k}" for k in ("FLATTEN", "WARP_SPEC") if cfg.get(k)))
+    yc = torch.empty((m, n), dtype=torch.float32, device=xq.device)
+    yb = torch.empty((m, n), dtype=torch.bfloat16, device=xq.device)
+
+    def run():
+        yc.fill_(float("nan"))
+        int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.float32, out=yc, variant=variant, config=cfg)
+        e = gemm_relerr(yc, xq, sx, wt)
+        t = bench(lambda: int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.bfloat16, out=yb, variant=variant,
+                                    config=cfg))
+        return dict(ms=t, err=e, base_ms=base_ms, flops=flops, extra=dict(variant=variant, cfg=cfg))
+    rec = attempt(section, name, shape, run)
+    del yc, yb
+    return rec
+
+
+def baselines(m, k, n, x, w, wt, xq):
+    shape = lab(m, k, n)
+    flops = 2.0 * m * n * k
+    rec = attempt("base", "bf16 F.linear", shape, lambda: dict(ms=bench(lambda: F.linear(x, w)), flops=flops))
+    base = rec["ms"]
+    if ARGS.cuda:
+        wq_t = wt.qdata.t()
+        attempt("base", "int_mm (cuBLASLt GEMM only)", shape,
+                lambda: dict(ms=bench(lambda: torch._int_mm(xq, wq_t)), base_ms=base, flops=flops))
+        if torch.cuda.get_device_capability() >= (8, 9):
+            def fp8():
+                sw8 = (w.float().abs().amax(1).clamp(min=1e-12) / 448.0)
+                w8 = (w.float() / sw8[:, None]).to(torch.float8_e4m3fn)
+                sx8 = (x.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / 448.0)
+                x8 = (x.float() / sx8).to(torch.float8_e4m3fn)
+                swr = sw8[None, :].contiguous()
+                t = bench(lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx8, scale_b=swr, out_dtype=torch.bfloat16))
+                return dict(ms=t, base_ms=base, flops=flops)
+            attempt("base", "fp8 _scaled_mm rowwise (GEMM only)", shape, fp8)
+    return base
+
+
+def sec_gemm(m, shapes):
+    from wan_int8.quant.int8 import quantize_activation, quantize_weight
+    from wan_int8.kernels.triton_gemm import tma_supported
+    best = {}
+    bases = {}
+    for (k, n) in shapes:
+        if over_budget():
+            break
+        x = make_x(m, k, 31 + n)
+        w = make_w(n, k, 41 + k)
+        wt = quantize_weight(w, "row")
+        xq, sx = quantize_activation(x)
+        shape = lab(m, k, n)
+        base = baselines(m, k, n, x, w, wt, xq)
+        bases[(k, n)] = base
+        flops = 2.0 * m * n * k
+        cands = [("ptr", c) for c in PTR_CFGS] if ARGS.cuda else [("ptr", _c(16, 32, 32, 4, 1, 2))]
+        why = tma_supported(x.device)
+        if ARGS.cuda and why is None:
+            cands += [("tma", c) for c in TMA_CFGS]
+        elif not ARGS.cuda:
+            cands += [("persistent", _c(16, 32, 32, 4, 1, 2)), ("tma", _c(16, 32, 32, 4, 1, 2))]
+        else:
+            record("gemm", "tma (all)", shape, err=f"skipped: {why}")
+        if ARGS.cuda:
+            cands.append(("persistent", _c(128, 128, 128, 8, 4)))
+        for variant, cfg in cands:
+            if over_budget():
+                break
+            rec = gemm_case("gemm", shape, wt, xq, sx, variant, cfg, base, flops)
+            if rec["ms"] and ((k, n) not in best or rec["ms"] < best[(k, n)][0]):
+                best[(k, n)] = (rec["ms"], variant, cfg)
+        del x, w, wt, xq, sx
+        if ARGS.cuda:
+            torch.cuda.empty_cache()
+    return best, bases
+
+
+def sec_group(m, k, n):
+    from wan_int8.quant.int8 import quantize_activation, quantize_weight
+    x = make_x(m, k, 51)
+    w = make_w(n, k, 52)
+    wt = quantize_weight(w, "group", group_size=128)
+    xq, sx = quantize_activation(x)
+    shape = lab(m, k, n)
+    base = attempt("base", "bf16 F.linear", shape, lambda: dict(ms=bench(lambda: F.linear(x, w))))["ms"]
+    flops = 2.0 * m * n * k
+    best = None
+    cands = GROUP_CFGS if ARGS.cuda else [("ptr", _c(16, 32, 32, 4, 1, 2)), ("tma", _c(16, 32, 32, 4, 1, 2))]
+    for variant, cfg in cands:
+        if over_budget():
+            break
+        rec = gemm_case("group", shape, wt, xq, sx, variant, cfg, base, flops)
+        if rec["ms"] and (best is None or rec["ms"] < best[0]):
+            best = (rec["ms"], variant, cfg)
+    return best
+
+
+def sec_small(ms, k, n, qbest):
+    from wan_int8.kernels.triton_gemm import int8_gemm
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    from wan_int8.quant.int8 import quantize_activation, quantize_weight
+    w = make_w(n, k, 61)
+    wt = quantize_weight(w, "row")
+    for m in ms:
+        if over_budget():
+            return
+        x = make_x(m, k, 62 + m)
+        xq, sx = quantize_activation(x)
+        shape = lab(m, k, n)
+        base = baselines(m, k, n, x, w, wt, xq)
+        flops = 2.0 * m * n * k
+        best = None
+        cands = SMALL_CFGS if ARGS.cuda else [("ptr", _c(16, 32, 32, 4, 1, 1))]
+        for variant, cfg in cands:
+            if over_budget():
+                break
+            if cfg["BLOCK_M"] > max(16, triton_next_pow2(m)) * 2:
+                continue
+            rec = gemm_case("small", shape, wt, xq, sx, variant, cfg, base, flops)
+            if rec["ms"] and (best is None or rec["ms"] < best[0]):
+                best = (rec["ms"], variant, cfg)
+        qcfg = (qbest.get(k) or (None, None))[1]
+        attempt("small", "quant (default config)", shape,
+                lambda: dict(ms=bench(lambda: quantize_activation_triton(x)), base_ms=base))
+        if best:
+            _, variant, cfg = best
+
+            def whole():
+                xq2, sx2 = quantize_activation_triton(x)
+                return int8_gemm(xq2, wt.qdata, sx2, wt.scale, None, torch.bfloat16, variant=variant, config=cfg)
+            attempt("small", "whole (best gemm cfg)", shape, lambda: dict(ms=bench(whole), base_ms=base, flops=flops))
+            g = bench_graph(whole)
+            gb = bench_graph(lambda: F.linear(x, w))
+            if g:
+                record("small", "whole, CUDA graph (no host overhead)", shape, ms=g, base_ms=gb, flops=flops,
+                       note="ratio vs bf16 in a graph")
+
+            def auto():
+                xq2, sx2 = quantize_activation_triton(x)
+                return int8_gemm(xq2, wt.qdata, sx2, wt.scale, None, torch.bfloat16)
+            attempt("small", "whole (default API, autotuned)", shape,
+                    lambda: dict(ms=bench(auto), base_ms=base, flops=flops, err=float(rel(auto(), x, w))))
+        del x, xq, sx
+        _ = qcfg
+
+
+def triton_next_pow2(v):
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def rel(y, x, w):
+    ref = x[:1024].float() @ w.float().t()
+    return (y[:1024].float() - ref).norm() / ref.norm()
+
+
+def sec_whole(ms, shapes, qbest, rbest, gbest, grp_best):
+    from wan_int8.kernels.triton_gemm import int8_gemm
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    from wan_int8.quant.int8 import quantize_weight
+    from wan_int8.quant.types import Rotation
+    for m in ms:
+        for (k, n) in shapes:
+            if over_budget():
+                return
+            x = make_x(m, k, 71 + n)
+            w = make_w(n, k, 72 + k)
+            shape = lab(m, k, n)
+            flops = 2.0 * m * n * k
+            base = attempt("whole", "bf16 F.linear", shape, lambda: dict(ms=bench(lambda: F.linear(x, w)), flops=flops))["ms"]
+            g = gbest.get((k, n))
+            variant, gcfg = (g[1], g[2]) if g else (None, None)
+            qcfg = (qbest.get(k) or (0, None))[1]
+            rcfg = (rbest.get(k) or (0, None))[1]
+            y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+            for kind, wt, rot, cfgq in (("plain", quantize_weight(w, "row"), "none", qcfg),
+                                        ("rot256", quantize_weight(w, "row", rotation=Rotation("regular", 256)), "regular", rcfg),
+                                        ("group128", quantize_weight(w, "group", group_size=128), "none", qcfg)):
+                if over_budget():
+                    break
+                v, c = (variant, gcfg)
+                if kind == "group128":
+                    v, c = (grp_best[1], grp_best[2]) if grp_best else (None, None)
+
+                def fn(wt=wt, rot=rot, cfgq=cfgq, v=v, c=c):
+                    xq, sx = quantize_activation_triton(x, rot, 256 if rot != "none" else 0, config=cfgq)
+                    return int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.bfloat16, out=y, variant=v, config=c)
+
+                def run(fn=fn):
+                    e = float(rel(fn(), x, w))
+                    if e > 0.1:
+                        raise RuntimeError(f"rel err {e:.3g}")
+                    return dict(ms=bench(fn), err=e, base_ms=base, flops=flops)
+                attempt("whole", f"{kind} (best quant+gemm)", shape, run)
+            del x, w, y
+            if ARGS.cuda:
+                torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+def print_table(info):
+    lines = [f"\n### kernel sweep: {info.get('device')} torch {info['torch']} triton {info['triton']} "
+             f"({time.time() - T0:.0f}s)", "section | variant | shape | ms | x bf16 | TOPS | err/note"]
+    for r in RESULTS:
+        if r["section"] in ("quant", "rot", "gemm", "group", "small") and r["ms"] is None and not ARGS.all_rows:
+            continue   # failures are summarised below
+        err = r["err"]
+        err = err if isinstance(err, str) or err is None else f"{err:.1e}"
+        lines.append(f"{r['section']} | {r['name']} | {r['shape']} | "
+                     f"{'' if r['ms'] is None else '%.4f' % r['ms']} | "
+                     f"{'' if r['ratio'] is None else '%.2f' % r['ratio']} | "
+                     f"{'' if r['tops'] is None else '%.0f' % r['tops']} | {err or ''} {r['note']}")
+    fails = {}
+    for r in RESULTS:
+        if r["ms"] is None and isinstance(r["err"], str) and r["section"] != "div":
+            fails.setdefault((r["section"], r["err"][:90]), []).append(r["name"])
+    if fails:
+        lines.append("failures:")
+        for (sec, e), names in fails.items():
+            lines.append(f"  {sec}: {e} <- {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later sections are skipped")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rep", type=int, default=40)
+    ap.add_argument("--sections", default="div,quant,rot,gemm,group,small,whole")
+    ap.add_argument("--all-rows", action="store_true", help="print failed variants as rows too")
+    ap.add_argument("--verbose", action="store_true")
+    ARGS = ap.parse_args(argv)
+    ARGS.cuda = torch.cuda.is_available() and not ARGS.cpu_smoke
+    if not ARGS.cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        ARGS.cpu_smoke = True
+    import triton
+    info = dict(torch=torch.__version__, triton=triton.__version__,
+                device=torch.cuda.get_device_name() if ARGS.cuda else "cpu (interpreter)")
+    log(f"kernel_sweep: {info}")
+    secs = set(ARGS.sections.split(","))
+    if ARGS.cuda:
+        M, M2 = 32760, 75600
+        SH = [(5120, 5120), (5120, 13824), (13824, 5120)]
+        KS = [5120, 13824]
+        SMALL = [512, 16, 1]
+    else:
+        M, M2 = 33, 40
+        SH = [(512, 96)]
+        KS = [512]
+        SMALL = [5]
+    qbest, rbest, gbest, grp = {}, {}, {}, None
+    if "div" in secs:
+        sec_div()
+    if "quant" in secs:
+        qbest = sec_quant([M], KS)
+    if "rot" in secs:
+        rbest = sec_rot(M, KS)
+    if "gemm" in secs:
+        gbest, _ = sec_gemm(M, SH)
+    if "group" in secs and not over_budget():
+        grp = sec_group(M, SH[0][0], SH[0][1])
+    if "whole" in secs:
+        sec_whole([M, M2], SH, qbest, rbest, gbest, grp)
+    if "small" in secs:
+        sec_small(SMALL, SH[0][0], SH[0][1], qbest)
+    info["best"] = dict(quant={str(k): v for k, v in qbest.items()}, rot={str(k): v for k, v in rbest.items()},
+                        gemm={str(k): v for k, v in gbest.items()}, group=grp)
+    out_dir = os.environ.get("OUT") or "."
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "kernel_sweep.json")
+    with open(path, "w") as f:
+        json.dump(dict(env=info, results=RESULTS), f, indent=1, default=str)
+    log(f"wrote {path}")
+    lines = ["best per K / shape:"]
+    for k, v in qbest.items():
+        lines.append(f"  quant K={k}: {v[0]:.4f} ms {v[1]}")
+    for k, v in rbest.items():
+        lines.append(f"  rot256 K={k}: {v[0]:.4f} ms {v[1]}")
+    for k, v in gbest.items():
+        lines.append(f"  gemm {k}: {v[0]:.4f} ms {v[1]} {v[2]}")
+    if grp:
+        lines.append(f"  group128: {grp[0]:.4f} ms {grp[1]} {grp[2]}")
+    print_table(info)
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
