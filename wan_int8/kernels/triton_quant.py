@@ -6,9 +6,10 @@ Contract: `quant.int8.quantize_activation` (the torch oracle).  For a 2-D `x [M,
     q[m, k] = clamp(rint_half_even(xr[m, k] / s[m]), -127, 127)    -> int8 [M, K] contiguous, fp32 s [M]
 
 Numerics (why the codes match the oracle bit for bit):
-- divisions use `tl.div_rn` (IEEE round-to-nearest; Triton's plain `/` on fp32 is the ~2-ulp fast divide);
-- round-half-even is computed exactly from floor() and the fraction (no libdevice: the CPU interpreter lacks
-  `rint`, and the `x + 1.5*2^23` trick is only as safe as the compiler's reassociation rules);
+- division: IEEE round-to-nearest x/s.  On the GPU as r = RN(1/s) once per row, then q0 = x*r and one FMA
+  correction (bitwise equal to x/s, checked by bench/kernel_sweep.py; WAN_INT8_QUANT_EXACT_DIV=1 forces
+  `tl.div_rn` per element, which the interpreter always uses because its fma rounds twice);
+- round-half-even: one fp32 add of 1.5*2^23 and a bit reinterpretation (exact, full-rate ALU);
 - absmax is exact, so unrotated codes equal the oracle's exactly.
 - Rotation: the ±1 Hadamard (unnormalised) is applied with `tl.dot`, then scaled by 1/sqrt(g).  For bf16/fp16
   inputs (exact ±x products, fp32 accumulation on tensor cores) and powers of 4 (1/sqrt(g) a power of two) this
@@ -17,9 +18,9 @@ Numerics (why the codes match the oracle bit for bit):
   fp32 inputs (and Turing, and the CPU interpreter whose bf16 dot is broken) use an fp32 `ieee` dot (FMA path).
 
 Performance shape: memory bound (read 2 B, write 1 B per element).  Unrotated rows with K <= 16384 are
-quantized in one pass from registers (one read); otherwise, and always with rotation, a first pass computes
-the absmax and a second re-reads (mostly from L2) and quantizes, recomputing the rotation (cheap on tensor
-cores: 2*g flops per element).
+quantized in one pass from registers (one read); g=256 rotations likewise, through the Kronecker kernel
+(H_256 = H_16 (x) H_16: 64 flops per element on tensor cores).  Other rotations, and K > 16384, use two
+passes (absmax, then re-read mostly from L2 and quantize, recomputing the rotation).
 """
 from __future__ import annotations
 
