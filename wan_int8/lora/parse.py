@@ -316,4 +316,4 @@ def default_cache() -> LoraCache:
 
 
 def load_lora(path: str, cache: Optional[LoraCache] = None) -> LoraFile:
-    return (cache or _DEFAULT_CACHE).load(path)
+    return (cache if cache is not None else _DEFAULT_CACHE).load(path)

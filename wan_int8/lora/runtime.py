@@ -192,7 +192,7 @@ def _numel(shape) -> int:
 @dataclasses.dataclass
 class _Part:
     entry: int
-    up: torch.Tensor              # [rows, r] (DoRA g folded in), fp32, CPU
+    up: torch.Tensor              # [rows, r] (DoRA g folded in), CPU
     down: torch.Tensor            # [r, K]
     base_scale: float
     row0: int
@@ -203,7 +203,7 @@ class _Part:
 @dataclasses.dataclass
 class _DensePart:
     entry: int
-    delta: torch.Tensor           # [N, K] fp32 (strength not applied)
+    delta: torch.Tensor           # [N, K] float64 (strength not applied), CPU
 
 
 class LayerLora:
@@ -224,18 +224,18 @@ class LayerLora:
 
     # building ------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        """The float weight this layer computes with (dequantized, unrotated for INT8), fp32."""
+        """The float weight this layer computes with (dequantized, unrotated for INT8), float64."""
         if isinstance(self.module, Int8Linear):
-            return dequantize(self.module.int8_weight(), torch.float32)
-        return self.module.weight.detach().float()
+            return dequantize(self.module.int8_weight(), torch.float64)
+        return self.module.weight.detach().double()
 
     def add(self, entry: int, target: Target, adapter) -> None:
         rows = self.n // target.parts
         row0 = (target.part or 0) * rows
         self.entries.add(entry)
         if isinstance(adapter, Dense):
-            d = adapter.delta_weight.float()
-            full = d if rows == self.n else torch.zeros(self.n, self.k).index_copy_(
+            d = adapter.delta_weight.double()
+            full = d if rows == self.n else torch.zeros(self.n, self.k, dtype=torch.float64).index_copy_(
                 0, torch.arange(row0, row0 + rows), d)
             self.dense.append(_DensePart(entry, full))
             return
@@ -245,15 +245,15 @@ class LayerLora:
             self.parts.append(_Part(entry, up, down, adapter.scale, row0, rows))
             return
         w = self.base_weight()[row0:row0 + rows]
-        m = dora.float()
+        m = dora.double()
         if m.numel() == rows and (m.dim() == 1 or m.shape[0] == rows):       # output axis: row scaling
             g = m.reshape(-1) / (w.norm(dim=1) + DORA_EPS)
-            self.parts.append(_Part(entry, up * g[:, None], down, adapter.scale, row0, rows, g))
+            self.parts.append(_Part(entry, up.double() * g[:, None], down, adapter.scale, row0, rows, g))
         elif m.numel() == self.k:                                              # input axis: exact dense delta
             wc = w.double() + adapter.delta(torch.float64)
             h = m.reshape(-1).double() / (wc.norm(dim=0) + DORA_EPS)
-            d = (wc * h[None, :] - w.double()).float()
-            full = torch.zeros(self.n, self.k)
+            d = wc * h[None, :] - w
+            full = torch.zeros(self.n, self.k, dtype=torch.float64)
             full[row0:row0 + rows] = d
             self.dense.append(_DensePart(entry, full))
         else:
@@ -265,8 +265,8 @@ class LayerLora:
         store: Dict[str, Optional[torch.Tensor]] = {"A": None, "B": None}
         if self.parts:
             r_total = sum(p.down.shape[0] for p in self.parts)
-            a = torch.cat([p.down for p in self.parts], 0)
-            b = torch.zeros(self.n, r_total)
+            a = torch.cat([p.down.to(torch.float64) for p in self.parts], 0)
+            b = torch.zeros(self.n, r_total, dtype=torch.float64)
             col = 0
             for p in self.parts:
                 r = p.down.shape[0]
@@ -288,14 +288,15 @@ class LayerLora:
         strengths = self.owner.strengths
         store = dict(self._store)
         if self.parts:
-            store["s"] = torch.cat([torch.full((p.down.shape[0],), strengths[p.entry] * p.base_scale)
+            store["s"] = torch.cat([torch.full((p.down.shape[0],), strengths[p.entry] * p.base_scale,
+                                               dtype=torch.float64)
                                     for p in self.parts]).to(self._dtype)
         else:
             store["s"] = None
         rowc = None
         for p in self.parts:
             if p.dora_g is not None:
-                rowc = torch.ones(self.n) if rowc is None else rowc
+                rowc = torch.ones(self.n, dtype=torch.float64) if rowc is None else rowc
                 rowc[p.row0:p.row0 + p.rows] += strengths[p.entry] * (p.dora_g - 1)
         store["c"] = None if rowc is None else rowc.to(self._dtype)
         dense = None
