@@ -287,3 +287,48 @@ def test_pack_registers_nodes_without_touching_the_gpu(comfy):
     assert set(pack.NODE_CLASS_MAPPINGS) == {"WanVideoINT8Loader", "WanLoRALoaderINT8", "WanLoRALoaderWithCLIPINT8",
                                              "WanLoRAStackINT8", "WanINT8ModelSaver"}
     assert not torch.cuda.is_initialized()
+
+
+def _widget_inputs(cls):
+    """(name, spec) of the inputs ComfyUI shows as widgets, in order (required, then optional)."""
+    types_ = cls.INPUT_TYPES()
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in types_.get(section, {}).items():
+            kind = spec[0]
+            if isinstance(kind, (list, tuple)) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN") or kind == "COMBO":
+                out.append((name, spec))
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if opts.get("control_after_generate"):
+                    out.append(("control_after_generate", (["fixed", "increment", "decrement", "randomize"],)))
+                if opts.get("image_upload"):         # the frontend's upload button is saved as a widget value
+                    out.append(("upload", (["image"],)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["wan22_i2v_a14b_int8_two_experts_loras.json", "wan_t2v_int8_minimal.json"])
+def test_example_workflows_match_node_definitions(comfy, name):
+    import asyncio
+    import json
+    import utils  # noqa: F401  (ComfyUI's top-level utils must come before nodes)
+    import nodes
+    from wan_int8.comfy.nodes import NODE_CLASS_MAPPINGS as ours
+    try:
+        asyncio.run(nodes.init_builtin_extra_nodes())
+    except Exception as exc:  # some extras need packages this machine lacks; the ones we use must be there
+        print("extra nodes:", exc)
+    mapping = dict(nodes.NODE_CLASS_MAPPINGS, **ours)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "example_workflows", name)) as f:
+        wf = json.load(f)
+    for node in wf["nodes"]:
+        cls = mapping[node["type"]]
+        widgets = _widget_inputs(cls)
+        assert len(widgets) == len(node["widgets_values"]), (node["type"], [w[0] for w in widgets])
+        for (wname, spec), value in zip(widgets, node["widgets_values"]):
+            if isinstance(spec[0], (list, tuple)) and spec[0] and wname not in (
+                    "unet_name", "lora_name", "clip_name", "vae_name", "image"):
+                assert value in spec[0], (node["type"], wname, value)
+        declared = {i["name"] for i in node["inputs"]}
+        required_links = {n for n, s in cls.INPUT_TYPES()["required"].items() if (n, s) not in widgets}
+        assert required_links <= declared, (node["type"], required_links - declared)
