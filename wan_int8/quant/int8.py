@@ -26,6 +26,14 @@ def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """absmax / 127 with IEEE division on every device.
+
+    On CUDA, torch divides by a Python scalar as a multiplication by its reciprocal (not correctly rounded);
+    dividing by a device tensor is a true division, which is what the Triton kernels do (tl.div_rn)."""
+    return amax.clamp_min(AMAX_FLOOR) / torch.full((), QMAX, dtype=amax.dtype, device=amax.device)
+
+
 def quantize_weight(w: torch.Tensor, granularity: str = "row", group_size: int = 128,
                     rotation: Optional[Rotation] = None) -> Int8Weight:
     """Quantize a float weight `[N, K]` (any float dtype, any device) to the canonical INT8 form.
@@ -60,13 +68,13 @@ def quantize_weight(w: torch.Tensor, granularity: str = "row", group_size: int =
         amax = torch.zeros((), dtype=torch.float32, device=w.device)
         for _, part in chunks():
             amax = torch.maximum(amax, part.abs().amax())
-        scale = amax.clamp_min(AMAX_FLOOR) / QMAX
+        scale = _scale_of(amax)
         for start, part in chunks():
             qdata[start:start + part.shape[0]] = _codes(part, scale)
     elif granularity == "row":
         scale = torch.empty((n,), dtype=torch.float32, device=w.device)
         for start, part in chunks():
-            s = part.abs().amax(dim=1).clamp_min(AMAX_FLOOR) / QMAX
+            s = _scale_of(part.abs().amax(dim=1))
             scale[start:start + part.shape[0]] = s
             qdata[start:start + part.shape[0]] = _codes(part, s[:, None])
     else:
@@ -74,7 +82,7 @@ def quantize_weight(w: torch.Tensor, granularity: str = "row", group_size: int =
         scale = torch.empty((n, groups), dtype=torch.float32, device=w.device)
         for start, part in chunks():
             g = part.reshape(part.shape[0], groups, group_size)
-            s = g.abs().amax(dim=2).clamp_min(AMAX_FLOOR) / QMAX
+            s = _scale_of(g.abs().amax(dim=2))
             scale[start:start + part.shape[0]] = s
             qdata[start:start + part.shape[0]] = _codes(g, s[:, :, None]).reshape(part.shape)
     return Int8Weight(qdata, scale, rotation=rotation)
@@ -112,7 +120,7 @@ def quantize_activation(x: torch.Tensor, rotation: Optional[Rotation] = None,
     if input_scale is not None:
         s = input_scale.to(device=x.device, dtype=xf.dtype).reshape(()).expand(x.shape[0]).contiguous()
     else:
-        s = xf.abs().amax(dim=1).clamp_min(AMAX_FLOOR) / QMAX
+        s = _scale_of(xf.abs().amax(dim=1))
     return _codes(xf, s[:, None]), s.to(torch.float32)
 
 
