@@ -286,3 +286,21 @@ def test_lora_is_applied_to_reference_and_candidates(monkeypatch, capsys):
     assert sorted(c[0] for c in calls) == ["Fp8Linear", "Int8Linear", "Linear"]
     assert all(c[1] == [("a.safetensors", 0.5), ("b.safetensors", 1.0)] for c in calls)
     assert math.isfinite(d["candidates"]["int8"]["end_to_end"]["rel_error"])
+
+
+def test_lora_refused_by_a_candidate_leaves_it_out_and_by_the_reference_exits_2(monkeypatch, capsys):
+    def fake_apply_loras(model, loras):
+        if isinstance(model.blocks[0].ffn[0], Fp8Linear):
+            raise ValueError("no key of this LoRA matches the model")
+
+    monkeypatch.setattr(wan_int8.lora, "apply_loras", fake_apply_loras, raising=False)
+    assert main(["accuracy", "--device", "cpu", "--candidates", "int8,fp8", "--lora", "a.safetensors", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d["candidates"]) == {"int8"} and d["notes"][0].startswith("fp8: left out")
+
+    def refuse(model, loras):
+        raise ValueError("a.safetensors: cannot read LoRA file")
+
+    monkeypatch.setattr(wan_int8.lora, "apply_loras", refuse, raising=False)
+    assert main(["accuracy", "--device", "cpu", "--candidates", "int8", "--lora", "a.safetensors"]) == 2
+    assert "error: --lora: a.safetensors: cannot read LoRA file" in capsys.readouterr().err

@@ -41,7 +41,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LoraUnavailable(RuntimeError):
-    pass
+    """--lora was given but wan_int8.lora.apply_loras cannot be imported."""
+
+
+class LoraFailed(RuntimeError):
+    """apply_loras refused a model (unreadable file, no matching key, a layer type it cannot carry)."""
 
 
 # -- models -----------------------------------------------------------------------------------------------
@@ -108,7 +112,13 @@ def lora_applier(loras: Sequence[Tuple[str, float]]) -> Optional[Callable[[nn.Mo
     except ImportError as exc:
         raise LoraUnavailable(f"--lora needs wan_int8.lora.apply_loras, which this installation does not have "
                               f"({exc}); run without --lora") from None
-    return lambda model: apply_loras(model, list(loras))
+
+    def apply(model: nn.Module):
+        try:
+            return apply_loras(model, list(loras))
+        except (ValueError, TypeError, OSError, KeyError) as exc:
+            raise LoraFailed(str(exc)) from exc
+    return apply
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -187,9 +197,19 @@ def compare(reference: nn.Module, inputs, steps: int, static: Dict[str, nn.Modul
     if nonfinite and any(n["model"] == "reference" for n in nonfinite):
         select = None   # quantizing NaN weights is refused; the reference is broken anyway
     pristine = copy.deepcopy(reference) if select is not None else None
+    notes: List[str] = []
     if lora is not None:
-        for model in [reference, *static.values()]:
-            lora(model)
+        rep = lora(reference)     # a LoRA the reference cannot take is an error (LoraFailed)
+        if hasattr(rep, "summary"):
+            header = {**header, "lora_report": rep.summary()}
+        for label in list(static):
+            try:
+                lora(static[label])
+            except LoraFailed as exc:   # e.g. the FP8 emulation has no LoRA path: leave it out, say so
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                notes.append(f"{label}: left out, the LoRA cannot be applied to it ({why})")
+                log.warning("accuracy: candidate %s left out: the LoRA cannot be applied to it (%s)", label, why)
+                del static[label]
 
     with InputCapture(reference, names, max_rows) as cap, NonFiniteWatch(reference) as watch:
         ref_out = _sample(reference, inputs, steps).float()
@@ -256,7 +276,7 @@ def compare(reference: nn.Module, inputs, steps: int, static: Dict[str, nn.Modul
         }
     ref_bytes = _weight_bytes(reference, names)
     header = {**header, "reference_end_to_end_finite": bool(torch.isfinite(ref_out).all()),
-              "reference_linear_weight_bytes": ref_bytes}
+              "reference_linear_weight_bytes": ref_bytes, "notes": notes}
     return Result(header, [n for n in names if n in captures], results, nonfinite, plan, diag)
 
 
@@ -385,6 +405,10 @@ def format_table(result: Result, top: int = 15) -> str:
     if h.get("loras"):
         lines.append("  LoRAs (on the reference and every candidate): " +
                      ", ".join(f"{p} x{s:g}" for p, s in h["loras"]))
+        if h.get("lora_report"):
+            lines.append("  " + str(h["lora_report"]).replace("\n", "\n  "))
+    for note in h.get("notes") or ():
+        lines.append(f"  note: {note}")
     lines += ["", f"End to end after {h['steps']} steps (final latents vs the reference):",
               "| candidate | rel err | cosine | max rel err | linears | linear weights |", "|---|---|---|---|---|---|"]
     ref_bytes = h.get("reference_linear_weight_bytes") or 0
@@ -519,17 +543,35 @@ def cmd_accuracy(args) -> int:
     device = args.device or "cpu"
     common = dict(steps=args.steps, seed=args.seed, frames=args.frames, height=args.height, width=args.width,
                   dtype=dtype, budget=budget, threshold=args.rotate_threshold, loras=loras, max_rows=args.max_rows)
+    try:
+        result = _run(args, device, common)
+    except LoraFailed as exc:
+        print(f"wan-int8 accuracy: error: --lora: {exc}", file=sys.stderr)
+        return 2
+    if result is None:
+        return 2
+    return _finish(args, result)
+
+
+def _run(args, device: str, common: dict) -> Optional[Result]:
     if args.float:
         extra = [c for c in (args.candidates or "").split(",") if c]
-        result = file_accuracy(args.float, args.int8, device=device, extra=extra, **common)
-    else:
-        cands = [c for c in (args.candidates or ",".join(TINY_CANDIDATES)).split(",") if c]
-        unknown = [c for c in cands if c not in TINY_CANDIDATES]
+        unknown = [c for c in extra if c not in TINY_CANDIDATES]
         if unknown:
-            print(f"wan-int8 accuracy: error: unknown candidate(s) {', '.join(unknown)}; choose from "
-                  f"{', '.join(TINY_CANDIDATES)}", file=sys.stderr)
-            return 2
-        result = tiny_accuracy(layers=args.layers, candidates=cands, device=device, **common)
+            print(f"wan-int8 accuracy: error: unknown candidate(s) {', '.join(unknown)}; with --float/--int8 "
+                  f"choose extra ones from {', '.join(TINY_CANDIDATES)}", file=sys.stderr)
+            return None
+        return file_accuracy(args.float, args.int8, device=device, extra=extra, **common)
+    cands = [c for c in (args.candidates or ",".join(TINY_CANDIDATES)).split(",") if c]
+    unknown = [c for c in cands if c not in TINY_CANDIDATES]
+    if unknown:
+        print(f"wan-int8 accuracy: error: unknown candidate(s) {', '.join(unknown)}; choose from "
+              f"{', '.join(TINY_CANDIDATES)}", file=sys.stderr)
+        return None
+    return tiny_accuracy(layers=args.layers, candidates=cands, device=device, **common)
+
+
+def _finish(args, result: Result) -> int:
     if args.plot:
         if write_plot(result, args.plot):
             result.header["plot"] = args.plot
