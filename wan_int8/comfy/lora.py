@@ -48,7 +48,8 @@ class LoraBackend(Protocol):
 
 
 class LibraryBackend:
-    """`LoraBackend` over `wan_int8.lora` (`load_lora`, `apply_loras`, `bake_loras`)."""
+    """`LoraBackend` over `wan_int8.lora`: `load_lora(path)`, `apply_loras(model, [(LoraFile, strength)])`,
+    `remove_loras(model)`; per-layer merging through `bake_layer(name, Int8Weight, stack)` when the library has it."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -57,18 +58,22 @@ class LibraryBackend:
         return self.lib.load_lora(path)
 
     def install(self, model, stack):
-        handle = self.lib.apply_loras(model, list(stack))
-        return handle.remove if hasattr(handle, "remove") else handle
+        self.lib.apply_loras(model, list(stack))
+        return lambda: self.lib.remove_loras(model)
 
     def bake(self, name, weight, stack):
-        return self.lib.bake_loras(name, weight, list(stack))
+        bake_layer = getattr(self.lib, "bake_layer", None)
+        if bake_layer is None:
+            raise RuntimeError("wan_int8.lora has no per-layer bake (bake_layer); save without bake_loras, or "
+                               "use `wan-int8 bake-lora` on the checkpoint file")
+        return bake_layer(name, weight, list(stack))
 
 
 def library_backend() -> LoraBackend:
     from .. import lora as lib
-    missing = [f for f in ("load_lora", "apply_loras", "bake_loras") if not hasattr(lib, f)]
+    missing = [f for f in ("load_lora", "apply_loras", "remove_loras") if not hasattr(lib, f)]
     if missing:
-        raise RuntimeError(f"this wan-int8 build has no LoRA runtime yet (wan_int8.lora lacks {', '.join(missing)}); "
+        raise RuntimeError(f"this wan-int8 build has no LoRA runtime (wan_int8.lora lacks {', '.join(missing)}); "
                            f"use ComfyUI's LoraLoaderModelOnly on wan-int8 models meanwhile")
     return LibraryBackend(lib)
 
