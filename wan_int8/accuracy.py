@@ -488,8 +488,12 @@ def write_plot(result: Result, path: str) -> bool:
     cands = list(result.candidates)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(names) + 2), 8))
     xs = list(range(len(names)))
+    series = {c: [result.candidates[c]["layers"].get(n, {}).get("output_error", float("nan")) for n in names]
+              for c in cands}
+    positive = [v for ys in series.values() for v in ys if v == v and v > 0]
+    floor = min(positive) / 3 if positive else 1e-8   # exact layers (kept float) drawn here, not lost to the log
     for c in cands:
-        ys = [result.candidates[c]["layers"].get(n, {}).get("output_error", float("nan")) for n in names]
+        ys = [floor if v == 0 else v for v in series[c]]
         ax1.plot(xs, ys, marker="o", ms=3, label=c)
     blocks = [_block_index(n) for n in names]
     starts = [i for i, b in enumerate(blocks) if b is not None and (i == 0 or blocks[i - 1] != b)]
@@ -499,7 +503,7 @@ def write_plot(result: Result, path: str) -> bool:
     ax1.set_xticklabels([str(blocks[i]) for i in starts])
     ax1.set_yscale("log")
     ax1.set_xlabel("block index (one point per linear, in model order)")
-    ax1.set_ylabel("layer output rel error")
+    ax1.set_ylabel(f"layer output rel error (0 drawn at {floor:.0e})")
     ax1.set_title(f"{result.header['model']}: per-layer error")
     ax1.legend()
     uniq = sorted({b for b in blocks if b is not None})
@@ -509,8 +513,9 @@ def write_plot(result: Result, path: str) -> bool:
         for b in uniq:
             vals = [result.candidates[c]["layers"][n]["output_error"] for n, bb in zip(names, blocks)
                     if bb == b and n in result.candidates[c]["layers"]]
-            means.append(sum(vals) / len(vals) if vals else float("nan"))
+            means.append(max(floor, sum(vals) / len(vals)) if vals else float("nan"))
         ax2.bar([b + (j - (len(cands) - 1) / 2) * width for b in uniq], means, width, label=c)
+    ax2.set_xticks(uniq)
     ax2.set_xlabel("block index")
     ax2.set_ylabel("mean layer output rel error")
     ax2.set_yscale("log")
