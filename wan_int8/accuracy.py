@@ -8,7 +8,8 @@ Two sources:
   float layers are quantized at load as `run` does, rotation following INT8_HADAMARD_QUIP).
 
 Every model samples `--steps` denoising steps from the same `seeded_inputs`.  Reported: per layer, the
-weight error ‖W8 − W‖/‖W‖ and the output error of the layer on the inputs it saw in the reference run;
+weight error ‖W8 − W‖/‖W‖ and the output error of the layer on the inputs it saw in the reference run's
+first denoising step (at most --max-rows rows);
 end to end, the relative error and cosine similarity of the final latents.  NaN/Inf anywhere (a weight,
 a layer output, the final latents) is named and makes the exit code 3.
 """
@@ -275,7 +276,8 @@ def compare(reference: nn.Module, inputs, steps: int, static: Dict[str, nn.Modul
             "layers": layers,
         }
     ref_bytes = _weight_bytes(reference, names)
-    header = {**header, "reference_end_to_end_finite": bool(torch.isfinite(ref_out).all()),
+    header = {**header, "on_the_fly_rotation": get_settings().rotation_enabled,
+              "reference_end_to_end_finite": bool(torch.isfinite(ref_out).all()),
               "reference_linear_weight_bytes": ref_bytes, "notes": notes}
     return Result(header, [n for n in names if n in captures], results, nonfinite, plan, diag)
 
@@ -431,7 +433,7 @@ def format_table(result: Result, top: int = 15) -> str:
         ordered = sorted(names, key=key)
         shown = ordered[:top]
         lines += ["", f"Per layer, worst first by {primary} output error (top {len(shown)} of {len(names)}): "
-                      "weight error ‖W8−W‖/‖W‖ / output error on the reference run's inputs",
+                      "weight error ‖W8−W‖/‖W‖ / output error on the reference run's step-1 inputs",
                   "| layer | N x K | " + " | ".join(cands) + " |", "|---|---|" + "---|" * len(cands)]
         for n in shown:
             cells = []
