@@ -217,11 +217,33 @@ class _Slot:
         return y
 
 
-def test_lora_nodes_per_clone_state_on_real_patchers(comfy, files):
+class _Counting:
+    """The real wan_int8.lora backend, counting file parses."""
+
+    def __init__(self):
+        from wan_int8.comfy.lora import library_backend
+        self.inner, self.loads = library_backend(), 0
+
+    def load(self, path):
+        self.loads += 1
+        return self.inner.load(path)
+
+    def install(self, model, stack):
+        return self.inner.install(model, stack)
+
+    def bake(self, name, weight, stack):
+        return self.inner.bake(name, weight, stack)
+
+
+BACKENDS = {"stand-in": _TestLoraBackend, "wan_int8.lora": _Counting}
+
+
+@pytest.mark.parametrize("which", sorted(BACKENDS))
+def test_lora_nodes_per_clone_state_on_real_patchers(comfy, files, which):
     from wan_int8.comfy.lora import installed_stack, stack_of
     from wan_int8.comfy.nodes import WanLoRALoaderINT8, WanLoRAStackINT8
     base = _loader_node("tiny_bf16.safetensors")
-    backend = _TestLoraBackend()
+    backend = BACKENDS[which]()
     node = WanLoRALoaderINT8()
     with torch.inference_mode():
         one = node.load_lora(base, "tiny_lora.safetensors", 1.0, "disable", backend=backend)[0]
@@ -246,10 +268,13 @@ def test_lora_nodes_per_clone_state_on_real_patchers(comfy, files):
     # the side path is linear in the strength up to the blocks' non-linearity: compare directions and sizes
     assert 0.3 < (dh.norm() / d1.norm()).item() < 0.7
     assert 1.4 < (d2.norm() / d1.norm()).item() < 2.6
-    assert _rel(ys, y2) < 1e-5                        # strength 2 in one stack == two stacked strength-1 nodes
+    # strength 2 in one stack == two stacked strength-1 nodes: exactly for the fp32 stand-in; the library runs
+    # the side path in the model dtype (bf16 here), so the two stackings round differently at bf16 level
+    assert _rel(ys, y2) < (1e-5 if which == "stand-in" else 5e-3)
 
 
-def test_stock_lora_on_our_layers_and_saver(comfy, files, tmp_path):
+@pytest.mark.parametrize("which", sorted(BACKENDS))
+def test_stock_lora_on_our_layers_and_saver(comfy, files, tmp_path, which):
     """ComfyUI's own LoraLoaderModelOnly path (add_patches + requantize) works on our models; the saver writes
     a file stock ComfyUI loads, with our LoRA stack merged when asked."""
     import comfy.sd
@@ -263,7 +288,7 @@ def test_stock_lora_on_our_layers_and_saver(comfy, files, tmp_path):
         stock_lora, _ = comfy.sd.load_lora_for_models(base, None, lora_sd, 1.0, 0.0)
     y0 = _run(comfy, base)
     y_stock = _run(comfy, stock_lora)
-    backend = _TestLoraBackend()
+    backend = BACKENDS[which]()
     ours = add_loras(base, [LoraSpec(str(loras / "tiny_lora.safetensors"), 1.0)], backend)
     y_ours = _run(comfy, ours)
     print(f"stock LoRA vs wan-int8 LoRA: rel {_rel(y_stock, y_ours):.3e}; LoRA effect {_rel(y_ours, y0):.3e}")

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import List, Optional
 
@@ -152,8 +151,9 @@ def cmd_quantize(args) -> int:
 # -- run --------------------------------------------------------------------------------------------
 
 def run_checkpoint(path: str, steps: int, seed: int, frames: int, height: int, width: int, device: str,
-                   dtype_name: str = "bf16", quantize_float: bool = True, family: Optional[str] = None):
-    """Load a Wan checkpoint (any format), sample on seeded inputs; returns (latents, report, seconds)."""
+                   dtype_name: str = "bf16", quantize_float: bool = True, family: Optional[str] = None,
+                   loras=(), offload_loras: bool = False):
+    """Load a Wan checkpoint (any format), apply LoRAs, sample on seeded inputs; returns (latents, report, seconds)."""
     import torch
     from .loader import LoadConfig, build_wan_model
     from .models.wan import sample, seeded_inputs
@@ -161,6 +161,10 @@ def run_checkpoint(path: str, steps: int, seed: int, frames: int, height: int, w
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     model, report = build_wan_model(path, LoadConfig(quantize_float=quantize_float, family=family), device=device,
                                     dtype=dtype)
+    if loras:
+        from .lora import apply_loras
+        lora_report = apply_loras(model, list(loras), offload_to_cpu=offload_loras)
+        log.info("%s", lora_report.summary())
     inputs = seeded_inputs(model.config, seed, frames, height, width, device=device, dtype=dtype)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -173,7 +177,8 @@ def run_checkpoint(path: str, steps: int, seed: int, frames: int, height: int, w
 def cmd_run(args) -> int:
     from .formats.safetensors_io import save_tensors
     latents, report, seconds = run_checkpoint(args.checkpoint, args.steps, args.seed, args.frames, args.height,
-                                              args.width, args.device, args.dtype, not args.no_quantize, args.family)
+                                              args.width, args.device, args.dtype, not args.no_quantize, args.family,
+                                              _lora_specs(args), args.offload_loras)
     print(report.verdict())
     print(f"sampled {args.steps} steps in {seconds:.2f} s; latents {list(latents.shape)}")
     if args.out:
@@ -186,9 +191,21 @@ def cmd_run(args) -> int:
 
 # -- demo -------------------------------------------------------------------------------------------
 
+def _lora_specs(args):
+    from .lora import parse_lora_spec
+    return [parse_lora_spec(s) for s in (getattr(args, "lora", None) or [])]
+
+
+def _add_lora_args(s) -> None:
+    s.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
+                   help="apply a LoRA (repeatable; strength defaults to 1.0)")
+    s.add_argument("--offload-loras", action="store_true", help="keep LoRA weights on the CPU, prefetch per layer")
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    table = run_demo(device=args.device, steps=args.steps, seed=args.seed, keep_dir=args.keep)
+    table = run_demo(device=args.device, steps=args.steps, seed=args.seed, keep_dir=args.keep,
+                     loras=_lora_specs(args), offload_loras=args.offload_loras)
     print(table)
     return 0
 
@@ -227,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-quantize", action="store_true", help="keep float linears float (a bf16 baseline)")
     s.add_argument("--family", default=None)
     s.add_argument("--out", default=None, help="save latents to this safetensors file")
+    _add_lora_args(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("demo", help="tiny Wan: bf16 vs INT8 through the real quantize/load path")
@@ -234,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=4)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--keep", default=None, help="keep the demo's files in this folder")
+    _add_lora_args(s)
     s.set_defaults(func=cmd_demo)
     for module in _command_modules():
         module.add_commands(sub)
@@ -260,10 +279,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     from .config import SettingsError
     from .formats.safetensors_io import CheckpointError
+    from .lora.parse import LoraError
     from .quant.types import QuantFormatError
     try:
         return args.func(args)
-    except (CheckpointError, QuantFormatError, SettingsError, FileNotFoundError) as exc:
+    except (CheckpointError, QuantFormatError, SettingsError, LoraError, FileNotFoundError) as exc:
         print(f"wan-int8 {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ inputs, and prints a table: error, cosine similarity, weight bytes, time and the
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -31,7 +32,9 @@ def demo_config(device: str) -> WanConfig:
 
 
 def run_demo(device: str = "cpu", steps: int = 4, seed: int = 0, keep_dir: Optional[str] = None,
-             config: Optional[WanConfig] = None) -> str:
+             config: Optional[WanConfig] = None, loras=(), offload_loras: bool = False) -> str:
+    """The demo table. With `loras`, both models take them (bf16: the hook path on float linears; INT8: the
+    stacked side path), so the table compares INT8+LoRA with bf16+LoRA."""
     cfg = config or demo_config(device)
     big = cfg.dim >= 1024
     frames, height, width = (21 * 4 - 3, 480, 832) if big else (5, 64, 64)
@@ -44,13 +47,16 @@ def run_demo(device: str = "cpu", steps: int = 4, seed: int = 0, keep_dir: Optio
         report = write_native(float_path, int8_path, LoadConfig())
 
         REGISTRY.reset()
-        rows = []
+        rows, lora_lines = [], []
         results = {}
         for label, path, quantize in (("bf16", float_path, False), ("int8", int8_path, True)):
             model, load_report = build_wan_model(path, LoadConfig(quantize_float=quantize), device=device)
+            if loras:
+                from .lora import apply_loras
+                lora_lines.append(f"{label}: " + apply_loras(model, list(loras), offload_to_cpu=offload_loras).summary())
             inputs = seeded_inputs(model.config, seed, frames, height, width, device=device, dtype=torch.bfloat16)
-            run = lambda: sample(model, inputs.noise, inputs.context, steps=steps, cond=inputs.cond,  # noqa: E731
-                                 clip_fea=inputs.clip_fea)
+            run = functools.partial(sample, model, inputs.noise, inputs.context, steps=steps, cond=inputs.cond,
+                                    clip_fea=inputs.clip_fea)
             with torch.inference_mode():
                 if device.startswith("cuda"):
                     run()  # warm-up: kernel compilation and tuning stay out of the timing
@@ -78,6 +84,7 @@ def run_demo(device: str = "cpu", steps: int = 4, seed: int = 0, keep_dir: Optio
             lines.append(f"| {label} | {rel_error(out, ref):.2e} | {mean_rel:.2e} | {max_rel_error(out, ref):.2e} | "
                          f"{cosine(out, ref):.6f} | {nbytes / 2**20:.1f} MiB | {seconds:.2f} s |")
         lines.append("")
+        lines += [f"LoRA {line}" for line in lora_lines]
         lines.append(f"INT8 kernels that ran: {', '.join(kernels) or 'none'}")
         if keep_dir:
             lines.append(f"files kept in {work}")

@@ -181,5 +181,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def has_lora_slot(module: nn.Module) -> bool:
+    """Layers that take a wan-int8 LoRA stack in a `lora` slot (`apply(x, y) -> y`): our Int8Linear and the
+    ComfyUI glue's Linear.  Other linears (plain nn.Linear) get a forward hook instead."""
+    return "lora" in dir(type(module)) and hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight a linear computes with, in the original (unrotated) basis, as float64."""
+    if isinstance(module, Int8Linear):
+        from .quant.int8 import dequantize
+        return dequantize(module.int8_weight(), torch.float64)
+    w = module.weight
+    if hasattr(w, "dequantize"):   # ComfyUI QuantizedTensor: dequantize() un-rotates convrot weights
+        w = w.dequantize()
+    return w.detach().to(torch.float64)
+
+
 def iter_int8_layers(model: nn.Module) -> Iterable[Tuple[str, Int8Linear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear))

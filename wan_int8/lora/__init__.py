@@ -16,11 +16,11 @@ from .runtime import (FileReport, LoraReport, LoraSet, apply_loras, lora_state, 
 
 __all__ = ["Dense", "LoraCache", "LoraError", "LoraFile", "LowRank", "default_cache", "load_lora", "parse_tensors",
            "read_lora", "FileReport", "LoraReport", "LoraSet", "apply_loras", "lora_state", "match_lora",
-           "parse_lora_spec", "remove_loras", "set_lora_strength", "bake_loras", "match_checkpoint"]
+           "parse_lora_spec", "remove_loras", "set_lora_strength", "bake_layer", "bake_loras", "match_checkpoint"]
 
 
 def __getattr__(name):   # bake pulls in the loader; import it only when asked
-    if name in ("bake_loras", "match_checkpoint"):
+    if name in ("bake_layer", "bake_loras", "match_checkpoint"):
         from . import bake
         return getattr(bake, name)
     raise AttributeError(name)

@@ -111,6 +111,18 @@ def bake_loras(source: Union[str, Checkpoint], loras: Sequence[Union[str, Tuple[
     return report, lora_report
 
 
+def bake_layer(name: str, weight: Int8Weight, stack: Sequence[Tuple[object, float]]) -> Int8Weight:
+    """One INT8 layer with the stack's LoRAs merged (row-wise requantized, same rotation); `weight` itself when
+    no LoRA of the stack targets `name`.  `stack` holds (parsed LoraFile, strength) pairs (the ComfyUI saver)."""
+    n, k = weight.qdata.shape
+    targets = ModelTargets({name: (n, k)}, {})
+    parts: List[Part] = []
+    for lora, strength in stack:
+        for target, adapter in match_lora(lora, targets, float(strength)).adapters:
+            parts.append((float(strength), target, adapter))
+    return _merged_int8(weight, parts) if parts else weight
+
+
 def _add_deltas(t: torch.Tensor, deltas) -> torch.Tensor:
     out = t.to(torch.float64).clone()
     for strength, d in deltas:
@@ -122,12 +134,14 @@ def _patched_tensor(src: TensorSource, fn) -> TensorSource:
     return dataclasses.replace(src, build=lambda: fn(src.build()).to(src.dtype))
 
 
+def _merged_int8(w: Int8Weight, parts: Sequence[Part]) -> Int8Weight:
+    out = quantize_weight(merged_weight(dequantize(w, torch.float64), parts), "row", rotation=w.rotation)
+    out.input_scale = w.input_scale
+    return out
+
+
 def _baked_layer(layer: LayerSource, parts: Sequence[Part]) -> LayerSource:
     def build() -> Int8Weight:
-        w = layer.load()
-        merged = merged_weight(dequantize(w, torch.float64), parts)
-        out = quantize_weight(merged, "row", rotation=w.rotation)
-        out.input_scale = w.input_scale
-        return out
+        return _merged_int8(layer.load(), parts)
     return dataclasses.replace(layer, granularity="row", group_size=layer.in_features, build=build, lossless=False,
                                note=(layer.note + "; " if layer.note else "") + "LoRA baked in")

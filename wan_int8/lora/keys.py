@@ -149,9 +149,9 @@ class ModelTargets:
     @classmethod
     def from_model(cls, model) -> "ModelTargets":
         from torch import nn
-        from ..layers import Int8Linear
+        from ..layers import has_lora_slot
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
-                   if isinstance(m, (Int8Linear, nn.Linear))}
+                   if isinstance(m, nn.Linear) or has_lora_slot(m)}
         params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.is_floating_point()}
         return cls(linears, params)
 

@@ -41,8 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..layers import Int8Linear
-from ..quant.int8 import dequantize
+from ..layers import float_weight, has_lora_slot
 from .keys import ModelTargets, Target, harmless_reason, param_target, resolve
 from .parse import Dense, LoraCache, LoraError, LoraFile, LowRank, load_lora
 
@@ -225,9 +224,7 @@ class LayerLora:
     # building ------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The float weight this layer computes with (dequantized, unrotated for INT8), float64."""
-        if isinstance(self.module, Int8Linear):
-            return dequantize(self.module.int8_weight(), torch.float64)
-        return self.module.weight.detach().double()
+        return float_weight(self.module)
 
     def add(self, entry: int, target: Target, adapter) -> None:
         rows = self.n // target.parts
@@ -348,13 +345,13 @@ class LayerLora:
 
     # install / uninstall --------------------------------------------------------
     def install(self) -> None:
-        if isinstance(self.module, Int8Linear):
+        if has_lora_slot(self.module):
             self.module.lora = self
         else:
             self._hook = self.module.register_forward_hook(lambda mod, args, out: self.apply(args[0], out))
 
     def uninstall(self) -> None:
-        if isinstance(self.module, Int8Linear):
+        if has_lora_slot(self.module):
             if self.module.__dict__.get("lora") is self:
                 del self.module.lora          # back to the class default (None)
         elif self._hook is not None:
