@@ -260,3 +260,107 @@ def test_persistent_gemm(variant, mode):
     out = torch.full((m, n), float("nan"), dtype=torch.float32)
     y = int8_gemm(xq, w.qdata, sx, w.scale, bias, torch.float32, out=out, variant=variant)
     _assert_gemm_close(y, ref, torch.float32, 64 if mode == "group" else 0)
+
+
+def test_quantizer_plans_reused_across_m():
+    """Second and later calls of a signature take the cached plan (direct launch path): still exact."""
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    signs = _signs(512, 4)
+    for m in (70, 93, 65):
+        x = _activation(m, 96, torch.bfloat16, 600 + m)
+        _check_codes(*quantize_activation_triton(x), *quantize_activation(x), exact=True)
+        xr = _activation(m, 512, torch.float32, 700 + m)
+        q, s = quantize_activation_triton(xr, "regular", 256, signs)
+        _check_codes(q, s, *quantize_activation(xr, Rotation("regular", 256, signs)), exact=False)
+        q, s = quantize_activation_triton(xr, "sylvester", 32)
+        _check_codes(q, s, *quantize_activation(xr, Rotation("sylvester", 32)), exact=False)
+
+
+@pytest.mark.parametrize("k", [96, 1000, 5120])
+def test_quantizer_k_pieces(k):
+    """The row as up to three power-of-two pieces (no masked-off registers for K=5120)."""
+    from wan_int8.kernels.triton_quant import k_pieces, quantize_activation_triton
+    b1, b2, b3 = k_pieces(k)
+    assert b1 + b2 + b3 >= k and b1 + b2 < k + (b3 == 0) * b2 + 1 and b1 >= b2 >= b3
+    x = _activation(3, k, torch.bfloat16, k)
+    q, s = quantize_activation_triton(x, config=dict(PIECES=True, BLOCK_M=2, num_warps=4))
+    _check_codes(q, s, *quantize_activation(x), exact=True)
+
+
+def test_k_pieces_table():
+    from wan_int8.kernels.triton_quant import k_pieces
+    assert k_pieces(5120) == (4096, 1024, 0)
+    assert k_pieces(13824) == (8192, 4096, 2048)
+    assert k_pieces(4096) == (4096, 0, 0)
+    assert k_pieces(96) == (64, 32, 0)
+
+
+@pytest.mark.parametrize("fold,bk", [(0, 64), (1, 64), (2, 64), (1, 32)])
+def test_group_fold_variants(fold, bk):
+    """Group-scale fold: cvt (0), exact magic-number int->float (1), deferred by one K step (2)."""
+    from wan_int8.kernels.triton_gemm import _c, int8_gemm
+    m, n, k = 33, 48, 320
+    w = _weight(n, k, "group", 64, seed=20 + fold)
+    x = _activation(m, k, torch.bfloat16, seed=30 + fold)
+    xq, sx = quantize_activation(x)
+    ref = _gemm_dequant(xq, sx, w, None)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32)
+    y = int8_gemm(xq, w.qdata, sx, w.scale, None, torch.float32, out=out,
+                  config=_c(16, 32, bk, 4, 1, 2, FOLD=fold))
+    _assert_gemm_close(y, ref, torch.float32, 64)
+    # a second call of the same signature goes through the cached plan
+    y2 = int8_gemm(xq, w.qdata, sx, w.scale, None, torch.float32, config=_c(16, 32, bk, 4, 1, 2, FOLD=fold))
+    assert torch.equal(y, y2)
+
+
+def test_i2f_exact_range():
+    """The magic-number conversion is exact over the whole range a 256-group partial can take."""
+    import triton.language as tl
+    from wan_int8.kernels.triton_gemm import _i2f_exact
+
+    @triton.jit
+    def k_(x_ptr, y_ptr, B: tl.constexpr):
+        o = tl.program_id(0) * B + tl.arange(0, B)
+        tl.store(y_ptr + o, _i2f_exact(tl.load(x_ptr + o)))
+    k_.fn.__globals__["_i2f_exact"] = _i2f_exact
+    lim = 256 * 128 * 127
+    v = torch.cat([torch.arange(-lim, -lim + 512), torch.arange(-300, 300), torch.arange(lim - 512, lim),
+                   torch.randint(-lim, lim, (1024 - 512 * 2 - 600 + 1024,))]).to(torch.int32)
+    v = v[: (v.numel() // 256) * 256]
+    y = torch.empty(v.numel(), dtype=torch.float32)
+    k_[(v.numel() // 256,)](v, y, B=256)
+    assert torch.equal(y, v.to(torch.float32))
+
+
+@pytest.mark.parametrize("epi", [1, 2])
+def test_tma_epilogue_variants(epi):
+    from wan_int8.kernels.triton_gemm import _c, int8_gemm, tma_supported
+    if tma_supported(torch.device("cpu")) is not None:
+        pytest.skip(f"tensor descriptors unavailable: {tma_supported(torch.device('cpu'))}")
+    m, n, k = 37, 80, 256
+    w = _weight(n, k, "row", 0, seed=9)
+    x = _activation(m, k, torch.bfloat16, seed=10)
+    xq, sx = quantize_activation(x)
+    bias = torch.randn(n)
+    ref = _gemm_dequant(xq, sx, w, bias)
+    out = torch.full((m, n), float("nan"), dtype=torch.float32)
+    y = int8_gemm(xq, w.qdata, sx, w.scale, bias, torch.float32, out=out, variant="tma",
+                  config=_c(16, 32, 32, 4, 1, 2, EPI=epi))
+    _assert_gemm_close(y, ref, torch.float32, 0)
+
+
+def test_launcher_spec_and_tail():
+    """The direct-launch key covers what Triton specializes on; the constexpr tail follows the signature."""
+    from wan_int8.kernels.triton_launch import Launcher, _spec
+    from wan_int8.kernels.triton_quant import _quant_rows_kernel
+    t = torch.zeros(8)
+    assert _spec((t, 1, 16, 17, 2.0)) != _spec((t, 2, 16, 17, 2.0))
+    assert _spec((t, 3, 32, 17, 2.0)) == _spec((t, 5, 48, 33, 3.0))
+    assert _spec((t[1:], 3)) != _spec((t, 3))
+    assert _spec((t, 1 << 31)) != _spec((t, 16))
+    from triton.runtime.jit import JITFunction
+    jf = JITFunction(_quant_rows_kernel.fn)   # the interpreter hands out InterpretedFunction (no params)
+    ln = Launcher(jf, dict(BLOCK_M=2, BLOCK_K=64, ONE_PASS=True, STATIC=False, BK2=32),
+                  dict(num_warps=4))
+    assert ln._n_rt == 8
+    assert ln._tail == (2, 64, True, False, False, 32, 0)

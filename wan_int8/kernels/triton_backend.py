@@ -121,20 +121,37 @@ def check(call: LinearCall) -> Optional[str]:
     return None
 
 
-def triton_int8_linear(call: LinearCall) -> torch.Tensor:
-    """Run one INT8 linear with the Triton kernels: quantize (+rotate) the activation, then GEMM + epilogue."""
-    from .triton_gemm import int8_gemm
-    from .triton_quant import quantize_activation_triton
+_FNS: Optional[tuple] = None
 
+
+def _kernel_fns() -> tuple:
+    global _FNS
+    if _FNS is None:
+        from .triton_gemm import int8_gemm
+        from .triton_quant import quantize_activation_triton
+        _FNS = (quantize_activation_triton, int8_gemm)
+    return _FNS
+
+
+def triton_int8_linear(call: LinearCall) -> torch.Tensor:
+    """Run one INT8 linear with the Triton kernels: quantize (+rotate) the activation, then GEMM + epilogue.
+
+    Hot path (every eager call): no imports, no device context unless x is on another GPU than the current
+    one, and both kernels launch through their cached per-signature plans (see `triton_launch`)."""
+    quant, gemm = _FNS or _kernel_fns()
     x = call.x
     rot = ROT_KINDS[call.rot_kind] if call.rot_kind else "none"
     scale = call.scale
     if scale.dim() == 2 and scale.stride(1) != 1:
         scale = scale.contiguous()
     try:
-        with torch.cuda.device(x.device) if x.device.type == "cuda" else _nullcontext():
-            xq, sx = quantize_activation_triton(x, rot, call.rot_group, call.signs, call.input_scale)
-            return int8_gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype)
+        dev = x.device
+        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                xq, sx = quant(x, rot, call.rot_group, call.signs, call.input_scale)
+                return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype)
+        xq, sx = quant(x, rot, call.rot_group, call.signs, call.input_scale)
+        return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype)
     except Exception as exc:
         if not _looks_like_compile_failure(exc):
             raise
@@ -154,14 +171,6 @@ def _looks_like_compile_failure(exc: Exception) -> bool:
         return True
     text = str(exc)
     return any(s in text for s in ("PassManager::run failed", "ptxas", "LLVM ERROR"))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 TRITON_BACKEND = Backend(BACKEND_NAME, check, triton_int8_linear, priority=PRIORITY)

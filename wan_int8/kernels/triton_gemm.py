@@ -32,11 +32,30 @@ SW_TENSOR, SW_ROW, SW_GROUP = 0, 1, 2
 
 
 @triton.jit
+def _i2f_exact(v):
+    """int32 -> fp32 for |v| < 2^22 without a conversion instruction (I2F runs at 1/8 of the FMA rate on
+    Hopper: 16/clk/SM): the bit pattern of 1.5*2^23 plus v is the float 1.5*2^23 + v, exactly."""
+    return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _fold(acc_f, part, sw, FOLD: tl.constexpr):
+    """acc_f + part * sw[None, :] (one K-group's int32 partial dot, scaled by its weight scales)."""
+    if FOLD == 0:
+        return acc_f + part.to(tl.float32) * sw[None, :]
+    else:
+        return acc_f + _i2f_exact(part) * sw[None, :]
+
+
+@triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
                       SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FOLD: tl.constexpr = 0):
+    """FOLD (group scales): 0 int->float by conversion; 1 exact magic-number conversion (needs GROUP_K <= 256:
+    a group's partial |sum| <= 256*128*127 < 2^22); 2 as 1, deferred by one K step so the fold of step k
+    overlaps the (async wgmma) dot of step k+1 (BLOCK_K == GROUP_K only)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -61,6 +80,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
     if SW_MODE == 2:
         acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sw_ptrs = sw_ptr + offs_bn * stride_sw
+        if FOLD == 2 and GROUP_K == BLOCK_K:
+            sw_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -70,13 +91,18 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
         if SW_MODE == 2:
-            if GROUP_K == BLOCK_K:   # BLOCK_K == g: each step's dot is one group's partial sum
+            if FOLD == 2 and GROUP_K == BLOCK_K:   # fold the previous step's partial after issuing this dot
                 part = tl.dot(a, b, out_dtype=tl.int32)
-                acc_f += part.to(tl.float32) * tl.load(sw_ptrs + kb)[None, :]
+                acc_f = _fold(acc_f, acc, sw_prev, 1)
+                acc = part
+                sw_prev = tl.load(sw_ptrs + kb)
+            elif GROUP_K == BLOCK_K:   # BLOCK_K == g: each step's dot is one group's partial sum
+                part = tl.dot(a, b, out_dtype=tl.int32)
+                acc_f = _fold(acc_f, part, tl.load(sw_ptrs + kb), FOLD)
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
                 if (kb + 1) % (GROUP_K // BLOCK_K) == 0:   # last step of a group: fold it in, restart
-                    acc_f += acc.to(tl.float32) * tl.load(sw_ptrs + kb // (GROUP_K // BLOCK_K))[None, :]
+                    acc_f = _fold(acc_f, acc, tl.load(sw_ptrs + kb // (GROUP_K // BLOCK_K)), FOLD)
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -84,6 +110,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
         b_ptrs += BLOCK_K * stride_bk
 
     if SW_MODE == 2:
+        if FOLD == 2 and GROUP_K == BLOCK_K:
+            acc_f = _fold(acc_f, acc, sw_prev, 1)
         y = acc_f
     elif SW_MODE == 1:
         y = acc.to(tl.float32) * tl.load(sw_ptr + offs_bn)[None, :]
@@ -113,11 +141,14 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
                                  SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, USE_TMA: tl.constexpr,
-                                 FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr):
+                                 FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, FOLD: tl.constexpr = 0,
+                                 EPI: tl.constexpr = 0):
     """Persistent variant: NUM_SMS programs loop over the output tiles (grouped order).  USE_TMA: operands
     (and the output) through device-side tensor descriptors (Hopper TMA; needs contiguous K-major a and b, K
     and N*elem 16-byte aligned, and `triton.set_allocator`); else pointer loads (any strides, interpreter).
-    Same epilogue and numerics as `_int8_gemm_kernel`."""
+    Same epilogue and numerics as `_int8_gemm_kernel` (FOLD 0/1 as there).  EPI (with TMA): 0 one
+    [BLOCK_M, BLOCK_N] TMA store; 1 two [BLOCK_M, BLOCK_N/2] stores (half the epilogue shared memory: lets
+    128x256 tiles keep 3 operand stages); 2 masked pointer stores from registers (no output descriptor)."""
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -126,7 +157,12 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+        if EPI == 0:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N])
+        elif EPI == 1:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N // 2])
     offs_k = tl.arange(0, BLOCK_K)
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
@@ -152,12 +188,12 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
             if SW_MODE == 2:
                 if GROUP_K == BLOCK_K:
                     part = tl.dot(a, b, out_dtype=tl.int32)
-                    acc_f += part.to(tl.float32) * tl.load(sw_ptr + offs_bn * stride_sw + kb)[None, :]
+                    acc_f = _fold(acc_f, part, tl.load(sw_ptr + offs_bn * stride_sw + kb), FOLD)
                 else:
                     acc = tl.dot(a, b, acc, out_dtype=tl.int32)
                     if (kb + 1) % (GROUP_K // BLOCK_K) == 0:
                         sw_g = tl.load(sw_ptr + offs_bn * stride_sw + kb // (GROUP_K // BLOCK_K))
-                        acc_f += acc.to(tl.float32) * sw_g[None, :]
+                        acc_f = _fold(acc_f, acc, sw_g, FOLD)
                         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -170,8 +206,13 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
         y = y * tl.load(sx_ptr + offs_am)[:, None]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
-        if USE_TMA:
+        if USE_TMA and EPI == 0:
             c_desc.store([off_m, off_n], y.to(c_ptr.dtype.element_ty))
+        elif USE_TMA and EPI == 1:
+            y3 = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            y0, y1 = tl.split(y3)
+            c_desc.store([off_m, off_n], y0.to(c_ptr.dtype.element_ty))
+            c_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(c_ptr.dtype.element_ty))
         else:
             c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
             tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -180,20 +221,27 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
 # ------------------------------------------------------------------------------------------------------------
 # configurations
 
-def _c(bm, bn, bk, warps, stages, gm=8):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+def _c(bm, bn, bk, warps, stages, gm=8, **kw):
+    d = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+    d.update(kw)
+    return d
 
 
-# Hopper (sm_90): int8 wgmma; 228 KB shared memory. 128x256x128 at 3 stages = 144 KB.
-_HOPPER = [_c(128, 256, 128, 8, 3), _c(256, 128, 128, 8, 3), _c(128, 128, 128, 8, 4), _c(128, 128, 128, 4, 4),
-           _c(128, 256, 64, 8, 4), _c(64, 256, 128, 4, 4), _c(128, 256, 128, 8, 4), _c(128, 128, 128, 8, 5),
-           _c(128, 128, 256, 8, 3), _c(128, 256, 128, 8, 3, 16)]
+# Hopper (sm_90): int8 wgmma; 228 KB shared memory.  Order = measured rank (bench/kernel_sweep.py, H100, Triton
+# 3.6, M=32760): 128x256x128 w8 s3 1185 TOPS at 5120x5120 (4.008 ms at K=5120,N=13824), 256x128x128 w8 s3
+# 4.086 ms at K=13824,N=5120; the rest are kept as autotune alternatives.
+_HOPPER = [_c(128, 256, 128, 8, 3), _c(256, 128, 128, 8, 3), _c(128, 256, 128, 8, 3, 16),
+           _c(128, 128, 128, 8, 5), _c(128, 128, 256, 8, 3)]
+# Group scales (g = 128): the fold runs once per K step on the CUDA cores, so 128x128 tiles (fold cost per
+# output element is the same, more programs in flight) were measured ahead; the big tiles stay as alternatives.
+_HOPPER_GROUP = [_c(128, 128, 128, 8, 4), _c(128, 128, 128, 8, 3), _c(128, 256, 128, 8, 3), _c(256, 128, 128, 8, 3)]
 # Hopper, 64 < M <= 1024: too few 128x128 tiles to fill 132 SMs (M=512, N=5120: 160), so narrower tiles too.
-_HOPPER_MID = [_c(64, 128, 128, 4, 4), _c(128, 64, 128, 4, 4), _c(64, 256, 128, 4, 4), _c(128, 128, 128, 8, 4),
-               _c(64, 64, 256, 4, 3), _c(64, 128, 256, 4, 3)]
-# Persistent TMA kernel (Hopper), see `_int8_gemm_persistent_kernel`; extra key "FLATTEN"/"WARP_SPEC" allowed.
-_HOPPER_PERSISTENT = [_c(128, 256, 128, 8, 3), _c(256, 128, 128, 8, 3),
-                      _c(128, 128, 128, 8, 4), _c(128, 128, 128, 4, 5)]
+# M=512, 5120x5120: 64x128x128 w4 s4 0.0431 ms, 128x64x128 0.0453 ms, 64x64x128 0.0508 ms.
+_HOPPER_MID = [_c(64, 128, 128, 4, 4), _c(128, 64, 128, 4, 4), _c(64, 64, 128, 4, 4, 1), _c(128, 128, 128, 8, 4)]
+# Persistent TMA kernel (Hopper), see `_int8_gemm_persistent_kernel`; extra keys FLATTEN/WARP_SPEC/EPI allowed.
+# 128x256 tiles need EPI=1 (halved epilogue staging) to fit 3 stages (278552 B > 232448 B measured with EPI=0).
+_HOPPER_PERSISTENT = [_c(128, 256, 128, 8, 3, EPI=1), _c(256, 128, 128, 8, 3, EPI=1),
+                      _c(128, 128, 128, 4, 5), _c(128, 128, 128, 8, 4)]
 # A100 (sm_80): 164 KB shared memory, mma.sync.
 _AMPERE = [_c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 64, 4, 4), _c(128, 128, 128, 8, 3),
            _c(64, 128, 128, 4, 4)]
@@ -201,8 +249,9 @@ _AMPERE = [_c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 64, 4, 4
 _ADA = [_c(128, 128, 64, 4, 4), _c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 128, 8, 2),
         _c(64, 128, 64, 4, 4)]
 # M <= 64: weight-bandwidth bound; narrow N tiles so enough programs cover the SMs.
+# H100, 5120x5120: M=16 16x32x256 w4 s4 0.0196 ms; M=1 16x64x128 0.0239 ms.
 _SMALL_M = [_c(16, 32, 256, 4, 4, 1), _c(16, 64, 128, 4, 4, 1), _c(32, 64, 128, 4, 4, 1),
-            _c(64, 64, 128, 4, 4, 1), _c(16, 128, 128, 4, 3, 1), _c(64, 128, 128, 4, 3, 1)]
+            _c(64, 64, 128, 4, 4, 1), _c(16, 128, 128, 4, 3, 1)]
 
 _OVERRIDE: Optional[List[dict]] = None
 _KERNELS: Dict[tuple, object] = {}
@@ -213,6 +262,7 @@ def set_config_override(configs: Optional[Sequence[dict]]) -> None:
     global _OVERRIDE
     _OVERRIDE = [dict(c) for c in configs] if configs is not None else None
     _KERNELS.clear()
+    _PLANS.clear()
 
 
 def _arch(device: torch.device) -> str:
@@ -243,6 +293,8 @@ def _config_list(arch: str, small: bool, group: int, mid: bool = False, persiste
         cfgs = _SMALL_M
     elif mid and arch == "hopper":
         cfgs = _HOPPER_MID
+    elif group and arch == "hopper":
+        cfgs = _HOPPER_GROUP
     else:
         cfgs = {"hopper": _HOPPER, "ampere": _AMPERE, "ada": _ADA}[arch]
     if group:
@@ -255,6 +307,11 @@ def _config_list(arch: str, small: bool, group: int, mid: bool = False, persiste
                 fixed.append(c)
         cfgs = fixed
     return cfgs
+
+
+def fold_default(group: int) -> int:
+    """Group-scale fold: exact magic-number int->float (1) when a group's partial fits 2^22, else cvt (0)."""
+    return 1 if 0 < group <= 256 else 0
 
 
 def _autotune_kwargs() -> dict:
@@ -279,6 +336,8 @@ def _kernel(arch: str, small: bool, group: int, mid: bool = False, persistent: b
             if persistent:
                 c.setdefault("FLATTEN", False)
                 c.setdefault("WARP_SPEC", False)
+                c.setdefault("EPI", 0)
+            c.setdefault("FOLD", fold_default(group))
             configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
         keys = ["M_BUCKET", "N", "K", "SW_MODE", "GROUP_K", "HAS_BIAS"]
         if persistent:
@@ -336,7 +395,24 @@ def _tma_operands_ok(a, b, c) -> bool:
 
 
 def m_bucket(m: int) -> int:
-    return min(triton.next_power_of_2(max(m, 1)), M_BUCKET_CAP)
+    return min(1 << max(0, (m - 1).bit_length()), M_BUCKET_CAP)
+
+
+_PLANS: Dict[tuple, tuple] = {}   # call signature -> (Launcher, BLOCK_M, BLOCK_N, persistent?)
+_ARCH: Dict[torch.device, str] = {}
+
+
+def _arch_cached(device: torch.device) -> str:
+    arch = _ARCH.get(device)
+    if arch is None:
+        arch = _ARCH[device] = _arch(device)
+    return arch
+
+
+def _split_config(cfg: dict) -> tuple:
+    """A config dict (as `_c` makes, or `triton.Config.all_kwargs()`) -> (constexprs, launch options)."""
+    opts = {k: cfg[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override") if k in cfg}
+    return {k: v for k, v in cfg.items() if k not in opts}, opts
 
 
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
@@ -351,6 +427,10 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
 
     `sw` is fp32: a scalar (tensor-wise), `[N]` (row-wise) or `[N, K/g]` (group-wise).  `a` and `b` may have
     any strides (K-contiguous is the fast case); `sx` is fp32 `[M]`; `bias` any float `[N]`.
+
+    Host cost: the first call per signature (device, M bucket, N, K, strides, dtypes, scale mode, bias,
+    variant, config) autotunes and compiles; later calls launch the chosen compiled kernel directly
+    (`triton_launch.Launcher`), a few microseconds of Python.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
         raise ValueError("int8_gemm expects 2-D int8 a [M, K] and b [N, K]")
@@ -361,10 +441,10 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
     c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    if sw.dim() == 0 or sw.numel() == 1 and sw.dim() <= 1 and n != 1:
-        mode, group, stride_sw = SW_TENSOR, 0, 0
-        sw = sw.reshape(1)
-    elif sw.dim() == 1:
+    sw_dim = sw.dim()
+    if sw_dim == 0 or sw.numel() == 1 and sw_dim <= 1 and n != 1:
+        mode, group, stride_sw = SW_TENSOR, 0, 0   # any one-element tensor: the kernel reads sw_ptr[0]
+    elif sw_dim == 1:
         mode, group, stride_sw = SW_ROW, 0, 0
     else:
         groups = sw.shape[1]
@@ -383,15 +463,44 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         if bias is not None:
             c += bias.to(c.dtype)
         return c
-    arch = _arch(a.device)
+    has_bias = bias is not None
+    mb = min(1 << max(0, (m - 1).bit_length()), M_BUCKET_CAP)   # m_bucket(m), inlined (hot path)
+    sa0, sa1 = a.stride()
+    sb0, sb1 = b.stride()
+    sc0, sc1 = (n, 1) if out is None else c.stride()
+    bias_ = bias if has_bias else sx
+    args = (a, b, c, sx, sw, bias_, m, n, k, mb, sa0, sa1, sb0, sb1, sc0, sc1, stride_sw)
+    sig = (a.device, mb, n, k, sa0, sa1, sb0, sb1, sc0, sc1, c.dtype, mode, group, stride_sw,
+           bias.dtype if has_bias else None, variant, None if config is None else tuple(sorted(config.items())),
+           a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and c.data_ptr() % 16 == 0)
+    plan = _PLANS.get(sig)
+    if plan is not None:
+        launcher, bm, bn, persistent = plan
+        tiles = ((m + bm - 1) // bm) * ((n + bn - 1) // bn)
+        if persistent:
+            if launcher.constexprs["USE_TMA"]:
+                _ensure_allocator()
+            tiles = max(1, min(launcher.constexprs["NUM_SMS"], tiles))
+        # everything Triton specializes on that the plan's signature does not fix: M, the scale/bias pointers
+        spec = (m == 1, m % 16 == 0, sx.data_ptr() % 16 == 0, sw.data_ptr() % 16 == 0,
+                bias_.data_ptr() % 16 == 0, bias_.dtype, sw.dtype, sx.dtype)
+        launcher.keyed(spec, (tiles, 1, 1), args)
+        return c
+    _PLANS[sig] = _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config)
+    return c
+
+
+def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config):
+    """Resolve the variant and configuration for one call signature (autotuning if needed), run the call, and
+    return the plan later calls of the signature launch directly."""
+    from .triton_launch import Launcher
+    arch = _arch_cached(a.device)
+    k = a.shape[1]
     if variant is None:
         variant = "ptr"
         if PERSISTENT_DEFAULT and arch == "hopper" and m > 1024 and tma_supported(a.device) is None \
                 and _tma_operands_ok(a, b, c):
             variant = "tma"
-    has_bias = bias is not None
-    args = (a, b, c, sx, sw, bias if has_bias else sx, m, n, k, m_bucket(m),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), stride_sw)
     if variant in ("tma", "persistent"):
         use_tma = variant == "tma"
         if use_tma:
@@ -403,31 +512,44 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
 
         def pgrid(meta):
             return (max(1, min(nsm, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))),)
+        fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, NUM_SMS=nsm, USE_TMA=use_tma)
         if config is not None:
-            c_ = dict(config)
-            warps, stages = c_.pop("num_warps"), c_.pop("num_stages")
-            c_.setdefault("FLATTEN", False)
-            c_.setdefault("WARP_SPEC", False)
-            _int8_gemm_persistent_kernel[pgrid(c_)](*args, SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias,
-                                                    NUM_SMS=nsm, USE_TMA=use_tma, num_warps=warps,
-                                                    num_stages=stages, **c_)
+            cfg = dict(config)
+            cfg.setdefault("FLATTEN", False)
+            cfg.setdefault("WARP_SPEC", False)
+            cfg.setdefault("EPI", 0)
+            cfg.setdefault("FOLD", fold_default(group))
         else:
             fn = _kernel(arch, False, group, False, True)
-            fn[pgrid](*args, SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, NUM_SMS=nsm, USE_TMA=use_tma)
-        return c
+            fn[pgrid](*args, **fixed)
+            cfg = fn.best_config.all_kwargs()
+        if cfg.get("FOLD") and not fold_default(group):
+            cfg["FOLD"] = 0
+        consts, opts = _split_config(cfg)
+        launcher = Launcher(_int8_gemm_persistent_kernel, {**consts, **fixed}, opts)
+        if config is not None:
+            launcher(pgrid(consts), *args)
+        return launcher, consts["BLOCK_M"], consts["BLOCK_N"], True
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias)
     if config is not None:
-        c_ = dict(config)
-        warps, stages = c_.pop("num_warps"), c_.pop("num_stages")
-        _int8_gemm_kernel[grid(c_)](*args, SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias,
-                                    EVEN_K=k % c_["BLOCK_K"] == 0, num_warps=warps, num_stages=stages, **c_)
-        return c
-    fn = _kernel(arch, m <= SMALL_M, group, SMALL_M < m <= 1024)
-    fn[grid](*args, SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias)
-    return c
+        cfg = dict(config)
+        cfg.setdefault("FOLD", fold_default(group))
+    else:
+        fn = _kernel(arch, m <= SMALL_M, group, SMALL_M < m <= 1024)
+        fn[grid](*args, **fixed)
+        cfg = fn.best_config.all_kwargs()
+    if cfg.get("FOLD") and not fold_default(group):
+        cfg["FOLD"] = 0   # magic-number fold only where a group's partial fits 2^22
+    consts, opts = _split_config(cfg)
+    consts["EVEN_K"] = k % consts["BLOCK_K"] == 0
+    launcher = Launcher(_int8_gemm_kernel, {**consts, **fixed}, opts)
+    if config is not None:
+        launcher(grid(consts), *args)
+    return launcher, consts["BLOCK_M"], consts["BLOCK_N"], False
 
 
 def best_configs() -> Dict[str, str]:

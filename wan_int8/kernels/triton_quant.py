@@ -74,10 +74,20 @@ def _codes(v, s, r, FAST_DIV: tl.constexpr = False):
 
 
 @triton.jit
+def _load_piece(x_row, rmask, col0, stride_xk, K, BK: tl.constexpr):
+    cols = col0 + tl.arange(0, BK)
+    mask = rmask[:, None] & (cols[None, :] < K)
+    return tl.load(x_row + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32), cols, mask
+
+
+@triton.jit
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_xk,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
-                       STATIC: tl.constexpr, FAST_DIV: tl.constexpr = False):
-    """No rotation.  ONE_PASS: the whole row (BLOCK_K >= K) stays in registers between absmax and quantize."""
+                       STATIC: tl.constexpr, FAST_DIV: tl.constexpr = False, BK2: tl.constexpr = 0,
+                       BK3: tl.constexpr = 0):
+    """No rotation.  ONE_PASS: the whole row stays in registers between absmax and quantize, as one
+    [BLOCK_M, BLOCK_K] tile (BLOCK_K >= K), or with BK2/BK3 > 0 as up to three power-of-two pieces
+    BLOCK_K + BK2 + BK3 >= K (K = 5120 -> 4096 + 1024: no masked-off registers; 13824 -> 8192+4096+2048)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < M
@@ -87,12 +97,24 @@ def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, M, K, stride_xm, stride_
     if STATIC:
         s = tl.load(static_ptr + tl.zeros([BLOCK_M], dtype=tl.int32)).to(tl.float32)
     if ONE_PASS:
-        mask = rmask[:, None] & (cols0[None, :] < K)
-        x = tl.load(x_row + cols0[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        x, c1, m1 = _load_piece(x_row, rmask, 0, stride_xk, K, BLOCK_K)
+        if BK2 > 0:
+            x2, c2, m2 = _load_piece(x_row, rmask, BLOCK_K, stride_xk, K, BK2)
+        if BK3 > 0:
+            x3, c3, m3 = _load_piece(x_row, rmask, BLOCK_K + BK2, stride_xk, K, BK3)
         if not STATIC:
-            s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30), 127.0)
+            amax = tl.max(tl.abs(x), axis=1)
+            if BK2 > 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=1))
+            if BK3 > 0:
+                amax = tl.maximum(amax, tl.max(tl.abs(x3), axis=1))
+            s = tl.div_rn(tl.maximum(amax, 1e-30), 127.0)
         r = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), s)
-        tl.store(q_row + cols0[None, :], _codes(x, s[:, None], r[:, None], FAST_DIV), mask=mask)
+        tl.store(q_row + c1[None, :], _codes(x, s[:, None], r[:, None], FAST_DIV), mask=m1)
+        if BK2 > 0:
+            tl.store(q_row + c2[None, :], _codes(x2, s[:, None], r[:, None], FAST_DIV), mask=m2)
+        if BK3 > 0:
+            tl.store(q_row + c3[None, :], _codes(x3, s[:, None], r[:, None], FAST_DIV), mask=m3)
     else:
         if not STATIC:
             amax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -331,13 +353,15 @@ def _dot_needs_f32(x: torch.Tensor) -> bool:
     return False
 
 
-# Per-row quantizer configurations, by next_pow2(K): (rows per program, warps).  Chosen by bench/kernel_sweep.py
-# (see its table); the sweep overrides them through `config=`.
-PLAIN_CONFIGS = {1024: (8, 4), 2048: (4, 4), 4096: (2, 4), 8192: (2, 8), 16384: (1, 16)}
-# Kronecker-rotated one-pass quantizer (g = 256): (rows per program, warps) by next_pow2(K).
-KRON_CONFIGS = {256: (8, 4), 512: (4, 4), 1024: (2, 4), 2048: (1, 4), 4096: (1, 8), 8192: (1, 8), 16384: (1, 16)}
+# Per-row quantizer configurations, by next_pow2(K): (rows per program, warps, split into pow2 pieces).  The
+# sweep (bench/kernel_sweep.py) overrides them through `config=`; K = 5120 / 13824 are the Wan-14B cases.
+PLAIN_CONFIGS = {1024: (8, 4, False), 2048: (4, 4, False), 4096: (2, 4, False), 8192: (2, 8, True),
+                 16384: (1, 8, True)}
+# Kronecker-rotated one-pass quantizer (g = 256): (rows per program, warps) by next_pow2(K).  H100 (Triton 3.6,
+# M=32760, batched stage 2): K=5120 bm1 w8 0.391 ms (w4 0.407); K=13824 bm1 w4 0.900 ms (w8 1.244 ms).
+KRON_CONFIGS = {256: (8, 4), 512: (4, 4), 1024: (2, 4), 2048: (1, 4), 4096: (1, 8), 8192: (1, 8), 16384: (1, 4)}
 KRON_MAX_K = 16384
-KRON_BATCHED = False   # stage 2 as a batched 3-D dot instead of two transposes
+KRON_BATCHED = True    # stage 2 as a batched 3-D dot instead of two transposes (measured faster, all K)
 # g = G1 * G1 with H_g = H_G1 (x) H_G1 for both families (checked by tests against hadamard_matrix).
 KRON_GROUPS = {256: 16}
 
@@ -352,7 +376,29 @@ def _plain_config(kp2: int):
     for key in sorted(PLAIN_CONFIGS):
         if kp2 <= key:
             return PLAIN_CONFIGS[key]
-    return (1, 8)
+    return (1, 8, False)
+
+
+def k_pieces(k: int) -> Tuple[int, int, int]:
+    """K as up to three power-of-two pieces (largest first) covering it: 5120 -> (4096, 1024, 0),
+    13824 -> (8192, 4096, 2048), 96 -> (64, 32, 0); the last piece is masked where it overhangs K."""
+    b1 = 1 << (k.bit_length() - 1)
+    rem = k - b1
+    if rem == 0:
+        return b1, 0, 0
+    b2 = 1 << (rem.bit_length() - 1)
+    rem -= b2
+    if rem == 0:
+        return b1, b2, 0
+    return b1, b2, triton.next_power_of_2(rem)
+
+
+_PLANS: dict = {}    # call signature -> (Launcher, BLOCK_M, argument layout)
+
+
+def clear_plans() -> None:
+    """Forget the per-signature launch plans (after changing the config tables)."""
+    _PLANS.clear()
 
 
 def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", group_size: int = 0,
@@ -363,40 +409,83 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
                                config: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token INT8 of `x [M, K]` (rotation fused) -> (int8 codes [M, K] contiguous, fp32 scales [M]).
 
-    `config` (benchmarks, tests) overrides the choice: BLOCK_M, num_warps, FAST_DIV, and for rotations
-    method ("kron" one-pass, or "dense" two-pass), SPLIT (3: bf16x3 tensor-core stage 2, 0: fp32 dot).
+    `config` (benchmarks, tests) overrides the choice: BLOCK_M, num_warps, FAST_DIV, for the plain path
+    PIECES (split K into power-of-two pieces), and for rotations method ("kron" one-pass, or "dense"
+    two-pass), SPLIT (3: bf16x3 tensor-core stage 2, 0: fp32 dot), BATCHED.
+
+    The kernel and its configuration are decided once per call signature (device, dtype, K, strides,
+    rotation, static scale, small M, overrides); later calls launch the compiled kernel directly.
     """
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D activation [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"unsupported activation dtype {x.dtype}")
-    cfg = config or {}
     m, k = x.shape
     q = out if out is not None else torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = out_scale if out_scale is not None else torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"unsupported activation dtype {x.dtype}")
         if m:
             s.fill_(AMAX_FLOOR / QMAX) if input_scale is None else s.copy_(input_scale.float().reshape(()).expand(m))
         return q, s
     static = input_scale is not None
+    has_signs = signs is not None
+    sx0, sx1 = x.stride()
+    sig = (x.device, x.dtype, k, sx0, sx1, rotation_kind, group_size, has_signs, static,
+           m <= 64, m <= 16, block_m, chunk_loop, None if config is None else tuple(sorted(config.items())))
     static_t = input_scale.to(device=x.device, dtype=torch.float32).reshape(1) if static else s
+    plan = _PLANS.get(sig)
+    if plan is None:
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"unsupported activation dtype {x.dtype}")
+        plan = _make_plan(x, q, s, static_t, signs, rotation_kind, group_size, block_m, chunk_loop, config or {})
+        _PLANS[sig] = plan
+        return q, s
+    launcher, bm, layout, h = plan
+    grid = ((m + bm - 1) // bm, 1, 1)
+    # what Triton specializes on beyond the signature: M, and the pointers' alignment (dtypes: fixed/checked)
+    spec = (m == 1, m % 16 == 0, x.data_ptr() % 16 == 0, q.data_ptr() % 16 == 0, s.data_ptr() % 16 == 0,
+            static_t.data_ptr() % 16 == 0, static_t.dtype, q.dtype, s.dtype)
+    if layout == 0:
+        launcher.keyed(spec, grid, (x, q, s, static_t, m, k, sx0, sx1))
+        return q, s
+    sg = s
+    if layout == 1:
+        sg = signs
+        if sg.dtype != torch.float32 or sg.device != x.device:
+            sg = sg.to(device=x.device, dtype=torch.float32)
+        if not sg.is_contiguous():
+            sg = sg.contiguous()
+        if sg.numel() != k:
+            raise ValueError(f"sign vector has {sg.numel()} entries, expected K={k}")
+    launcher.keyed(spec + (sg.data_ptr() % 16 == 0, h.data_ptr() % 16 == 0), grid,
+                   (x, q, s, static_t, sg, h, m, k, sx0, sx1, 1.0 / math.sqrt(group_size)))
+    return q, s
+
+
+def _make_plan(x, q, s, static_t, signs, rotation_kind, group_size, block_m, chunk_loop, cfg):
+    """Decide kernel + configuration for one call signature, run this call, return the plan."""
+    from .triton_launch import Launcher
+    m, k = x.shape
+    static = static_t is not s
     fast_div = cfg.get("FAST_DIV", fast_div_default(x.device))
     if rotation_kind in (None, "none"):
         kp2 = triton.next_power_of_2(k)
         if kp2 <= ONE_PASS_MAX_K:
-            bk = kp2
-            bm, warps = _plain_config(kp2)
+            bm, warps, pieces = _plain_config(kp2)
             if m <= 64:
                 bm = 1 if kp2 >= 4096 else bm   # spread small M over more SMs
             one_pass = True
+            pieces = cfg.get("PIECES", pieces)
+            bk, bk2, bk3 = k_pieces(k) if pieces else (kp2, 0, 0)
         else:
-            bk, bm, warps, one_pass = 4096, 1, 8, False
+            bk, bk2, bk3, bm, warps, one_pass = 4096, 0, 0, 1, 8, False
         bm = cfg.get("BLOCK_M", block_m or bm)
         warps = cfg.get("num_warps", warps)
-        grid = (triton.cdiv(m, bm),)
-        _quant_rows_kernel[grid](x, q, s, static_t, m, k, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_K=bk,
-                                 ONE_PASS=one_pass, STATIC=static, FAST_DIV=fast_div, num_warps=warps)
-        return q, s
+        launcher = Launcher(_quant_rows_kernel, dict(BLOCK_M=bm, BLOCK_K=bk, ONE_PASS=one_pass, STATIC=static,
+                                                     FAST_DIV=fast_div, BK2=bk2, BK3=bk3),
+                            dict(num_warps=warps))
+        launcher((triton.cdiv(m, bm), 1, 1), x, q, s, static_t, m, k, x.stride(0), x.stride(1))
+        return launcher, bm, 0, None
     reason = rotation_unsupported(rotation_kind, group_size, k)
     if reason:
         raise ValueError(reason)
@@ -405,8 +494,10 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
     sg = signs.to(device=x.device, dtype=torch.float32).contiguous() if has_signs else s
     if has_signs and sg.numel() != k:
         raise ValueError(f"sign vector has {sg.numel()} entries, expected K={k}")
+    layout = 1 if has_signs else 2
     dot_f32 = _dot_needs_f32(x)
     kp2 = triton.next_power_of_2(k)
+    inv = 1.0 / math.sqrt(g)
     method = cfg.get("method", "kron" if g in KRON_GROUPS and kp2 <= KRON_MAX_K and chunk_loop is None else "dense")
     if method == "kron":
         g1 = KRON_GROUPS[g]
@@ -416,12 +507,12 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
         warps = cfg.get("num_warps", warps)
         bf16_in = x.dtype == torch.bfloat16 and not dot_f32
         split = cfg.get("SPLIT", 3 if bf16_in else 0)
-        grid = (triton.cdiv(m, bm),)
-        _quant_rot_kron_kernel[grid](x, q, s, static_t, sg, h1, m, k, x.stride(0), x.stride(1), 1.0 / math.sqrt(g),
-                                     BLOCK_M=bm, BLOCK_K=kp2, G1=g1, HAS_SIGNS=has_signs, STATIC=static,
-                                     BF16_IN=bf16_in, SPLIT=split, FAST_DIV=fast_div,
-                                     BATCHED=cfg.get("BATCHED", KRON_BATCHED), num_warps=warps)
-        return q, s
+        launcher = Launcher(_quant_rot_kron_kernel,
+                            dict(BLOCK_M=bm, BLOCK_K=kp2, G1=g1, HAS_SIGNS=has_signs, STATIC=static,
+                                 BF16_IN=bf16_in, SPLIT=split, FAST_DIV=fast_div,
+                                 BATCHED=cfg.get("BATCHED", KRON_BATCHED)), dict(num_warps=warps))
+        launcher((triton.cdiv(m, bm), 1, 1), x, q, s, static_t, sg, h1, m, k, x.stride(0), x.stride(1), inv)
+        return launcher, bm, layout, h1
     h_dtype = torch.float32 if dot_f32 else x.dtype
     h = pm1_hadamard(rotation_kind, g, h_dtype, x.device)
     hc = min(g, 64)
@@ -432,16 +523,18 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
     if chunk_loop is None:
         # the hoisted H can be materialised once per pass (Hopper measured 296960 B for G=256): count it twice
         chunk_loop = 2 * g * g * h.element_size() + x_tile > _smem_budget(x.device)
-    grid = (triton.cdiv(m, bm),)
+    grid = (triton.cdiv(m, bm), 1, 1)
 
-    def launch(chunk):
-        _quant_rotated_kernel[grid](x, q, s, static_t, sg, h, m, k, x.stride(0), x.stride(1), 1.0 / math.sqrt(g),
-                                    BLOCK_M=bm, G=g, HC=hc, HAS_SIGNS=has_signs, STATIC=static, DOT_F32=dot_f32,
-                                    CHUNK_LOOP=chunk, FAST_DIV=fast_div, num_warps=cfg.get("num_warps", 4))
+    def launcher_for(chunk):
+        return Launcher(_quant_rotated_kernel, dict(BLOCK_M=bm, G=g, HC=hc, HAS_SIGNS=has_signs, STATIC=static,
+                                                    DOT_F32=dot_f32, CHUNK_LOOP=chunk, FAST_DIV=fast_div),
+                        dict(num_warps=cfg.get("num_warps", 4)))
+    launcher = launcher_for(chunk_loop)
     try:
-        launch(chunk_loop)
+        launcher(grid, x, q, s, static_t, sg, h, m, k, x.stride(0), x.stride(1), inv)
     except Exception as exc:   # shared memory over the limit on this GPU: the chunked variant always fits
         if chunk_loop or "OutOfResources" not in type(exc).__name__ + str(exc):
             raise
-        launch(True)
-    return q, s
+        launcher = launcher_for(True)
+        launcher(grid, x, q, s, static_t, sg, h, m, k, x.stride(0), x.stride(1), inv)
+    return launcher, bm, layout, h
