@@ -240,8 +240,10 @@ _HOPPER_GROUP = [_c(128, 128, 128, 8, 4), _c(128, 128, 128, 8, 3), _c(128, 256, 
 _HOPPER_MID = [_c(64, 128, 128, 4, 4), _c(128, 64, 128, 4, 4), _c(64, 64, 128, 4, 4, 1), _c(128, 128, 128, 8, 4)]
 # Persistent TMA kernel (Hopper), see `_int8_gemm_persistent_kernel`; extra keys FLATTEN/WARP_SPEC/EPI allowed.
 # 128x256 tiles need EPI=1 (halved epilogue staging) to fit 3 stages (278552 B > 232448 B measured with EPI=0).
-_HOPPER_PERSISTENT = [_c(128, 256, 128, 8, 3, EPI=1), _c(256, 128, 128, 8, 3, EPI=1),
-                      _c(128, 128, 128, 4, 5), _c(128, 128, 128, 8, 4)]
+# H100 (Triton 3.6, M=32760, run 3): 128x256x128 s3 EPI1 FLATTEN 1284 TOPS at 5120x5120; GROUP_M 16 EPI1
+# 1326 TOPS (1.90x bf16) at K=13824,N=5120; 128x256 EPI1 1207 TOPS at K=5120,N=13824.  Autotune picks per shape.
+_HOPPER_PERSISTENT = [_c(128, 256, 128, 8, 3, EPI=1, FLATTEN=True), _c(128, 256, 128, 8, 3, 16, EPI=1),
+                      _c(128, 256, 128, 8, 3, EPI=1), _c(256, 128, 128, 8, 3, EPI=1), _c(256, 128, 128, 8, 3, EPI=2)]
 # A100 (sm_80): 164 KB shared memory, mma.sync.
 _AMPERE = [_c(128, 256, 64, 8, 3), _c(256, 128, 64, 8, 3), _c(128, 128, 64, 4, 4), _c(128, 128, 128, 8, 3),
            _c(64, 128, 128, 4, 4)]
@@ -310,8 +312,9 @@ def _config_list(arch: str, small: bool, group: int, mid: bool = False, persiste
 
 
 def fold_default(group: int) -> int:
-    """Group-scale fold: exact magic-number int->float (1) when a group's partial fits 2^22, else cvt (0)."""
-    return 1 if 0 < group <= 256 else 0
+    """Group-scale fold.  0: int->float convert per step; 1: exact magic-number int->float (partials < 2^22).
+    Run 3 (H100, g=128): FOLD0 2.92 ms, FOLD1 3.16 ms, FOLD2 4.66 ms at 32760x5120x5120: 0 stays the default."""
+    return 0
 
 
 def _autotune_kwargs() -> dict:
@@ -354,7 +357,9 @@ def _kernel(arch: str, small: bool, group: int, mid: bool = False, persistent: b
 _ALLOCATOR_SET = False
 _NUM_SMS: Dict[int, int] = {}
 # Use the persistent TMA kernel by default on Hopper (set after bench/kernel_sweep.py shows it wins there).
-PERSISTENT_DEFAULT = os.environ.get("WAN_INT8_GEMM_PERSISTENT", "0") == "1"
+# Run 3 (H100): the TMA persistent kernel beat the pointer kernel on all three Wan-14B shapes (1.61-1.90x bf16
+# vs 1.55-1.73x).  WAN_INT8_GEMM_PERSISTENT=0 goes back to the pointer kernel.
+PERSISTENT_DEFAULT = os.environ.get("WAN_INT8_GEMM_PERSISTENT", "1") == "1"
 
 
 def tma_supported(device: torch.device) -> Optional[str]:
@@ -498,7 +503,8 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config):
     k = a.shape[1]
     if variant is None:
         variant = "ptr"
-        if PERSISTENT_DEFAULT and arch == "hopper" and m > 1024 and tma_supported(a.device) is None \
+        if PERSISTENT_DEFAULT and arch == "hopper" and m > 1024 and mode != SW_GROUP \
+                and tma_supported(a.device) is None \
                 and _tma_operands_ok(a, b, c):
             variant = "tma"
     if variant in ("tma", "persistent"):

@@ -355,8 +355,10 @@ def _dot_needs_f32(x: torch.Tensor) -> bool:
 
 # Per-row quantizer configurations, by next_pow2(K): (rows per program, warps, split into pow2 pieces).  The
 # sweep (bench/kernel_sweep.py) overrides them through `config=`; K = 5120 / 13824 are the Wan-14B cases.
-PLAIN_CONFIGS = {1024: (8, 4, False), 2048: (4, 4, False), 4096: (2, 4, False), 8192: (2, 8, True),
-                 16384: (1, 8, True)}
+# H100 (Triton 3.6, M=32760, run 3): K=5120 bm1 w4 0.1705 ms (2.95 TB/s, the copy roofline; "pieces" 0.1712,
+# old default 0.2097); K=13824 bm1 w8 0.4467 ms (3.04 TB/s; with pieces 0.6091).
+PLAIN_CONFIGS = {1024: (8, 4, False), 2048: (4, 4, False), 4096: (2, 4, False), 8192: (1, 4, False),
+                 16384: (1, 8, False)}
 # Kronecker-rotated one-pass quantizer (g = 256): (rows per program, warps) by next_pow2(K).  H100 (Triton 3.6,
 # M=32760, batched stage 2): K=5120 bm1 w8 0.391 ms (w4 0.407); K=13824 bm1 w4 0.900 ms (w8 1.244 ms).
 KRON_CONFIGS = {256: (8, 4), 512: (4, 4), 1024: (2, 4), 2048: (1, 4), 4096: (1, 8), 8192: (1, 8), 16384: (1, 4)}
