@@ -79,7 +79,7 @@ class Backend:
 
 
 def _reference_run(call: LinearCall) -> torch.Tensor:
-    xq, sx = quantize_activation(call.x, call.rotation, call.input_scale)
+    xq, sx = quantize_activation(call.x, call.rotation, call.input_scale, get_settings().hadamard_chunk_size)
     w = call.weight()
     return _gemm_dequant(xq, sx, w, call.bias).to(call.out_dtype)
 
@@ -98,6 +98,7 @@ class KernelRegistry:
         self._cache_path = cache_path          # None: the settings' cache folder, resolved on first use
         self._choices: Optional[Dict[str, str]] = None
         self._fast: Dict[tuple, Backend] = {}   # in-memory: cheap call signature -> backend (no per-call checks)
+        self._fast_owner: Optional[Settings] = None
         self.register(REFERENCE)
 
     def register(self, backend: Backend) -> None:
@@ -117,7 +118,10 @@ class KernelRegistry:
         Decisions are remembered per call signature (device, M bucket, shapes, dtypes, options, settings), so the
         per-call cost after the first is one dict lookup."""
         x, s = call.x, call.scale
-        sig = (settings, x.device, m_bucket(call.m), call.k, call.n, x.dtype, call.out_dtype, tuple(s.shape),
+        if settings is not self._fast_owner:   # settings are replaced, never mutated: a new object, new choices
+            self._fast.clear()
+            self._fast_owner = settings
+        sig = (x.device, m_bucket(call.m), call.k, call.n, x.dtype, call.out_dtype, tuple(s.shape),
                call.rot_kind, call.rot_group, call.signs is not None, call.bias is not None,
                call.input_scale is not None, qdata_ok(call))
         backend = self._fast.get(sig)
@@ -234,13 +238,19 @@ class KernelRegistry:
 
     # -- statistics ---------------------------------------------------------------------------
     def record(self, backend: str, call: LinearCall) -> None:
-        key = (backend, f"K={call.k} N={call.n} {call.granularity}" + (" rot" if call.rot_kind else ""))
+        key = (backend, call.k, call.n, call.scale.dim(), call.rot_kind != 0)   # formatted only when read
         with self._lock:
             self._stats[key] += 1
 
     def stats(self) -> Dict[Tuple[str, str], int]:
+        """{(backend, "K=.. N=.. <scale kind>[ rot]"): calls}"""
         with self._lock:
-            return dict(self._stats)
+            raw = dict(self._stats)
+        out: Dict[Tuple[str, str], int] = collections.Counter()
+        for (backend, k, n, dim, rot), count in raw.items():
+            gran = {0: "tensor", 1: "row", 2: "group"}[dim]
+            out[(backend, f"K={k} N={n} {gran}" + (" rot" if rot else ""))] += count
+        return dict(out)
 
     def reset(self) -> None:
         with self._lock:

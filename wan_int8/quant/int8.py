@@ -109,14 +109,17 @@ def dequantize(weight: Int8Weight, dtype: torch.dtype = torch.float32, rotated: 
 
 
 def quantize_activation(x: torch.Tensor, rotation: Optional[Rotation] = None,
-                        input_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                        input_scale: Optional[torch.Tensor] = None,
+                        chunk_rows: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric INT8 of a 2-D activation `[M, K]` -> (codes int8 `[M, K]`, scales fp32 `[M]`).
 
-    Rotation (if any) is applied first, in fp32.  A static `input_scale` (scalar) replaces the per-token scale.
+    Rotation (if any) is applied first, in fp32, `chunk_rows` rows at a time (0: all at once; the seed's
+    HADAMARD_CHUNK_SIZE).  A static `input_scale` (scalar) replaces the per-token scale.
     """
     xf = x.to(torch.float32) if x.dtype != torch.float64 else x
     if rotation is not None:
-        xf = rotate(xf, rotation.kind, rotation.group_size, rotation.signs, out_dtype=xf.dtype)
+        xf = rotate(xf, rotation.kind, rotation.group_size, rotation.signs, chunk_rows=chunk_rows,
+                    out_dtype=xf.dtype)
     if input_scale is not None:
         s = input_scale.to(device=x.device, dtype=xf.dtype).reshape(()).expand(x.shape[0]).contiguous()
     else:
