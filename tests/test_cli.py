@@ -1,6 +1,5 @@
 """The command line end to end on the tiny Wan: inspect, quantize, run, demo, and user-facing errors."""
 import json
-import os
 
 import pytest
 import torch

@@ -1,6 +1,4 @@
 """The numerics contract (DESIGN.md §3) against independent float64 math written here."""
-import math
-
 import pytest
 import torch
 

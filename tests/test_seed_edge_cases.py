@@ -5,7 +5,7 @@ import torch
 
 from wan_int8.formats import open_checkpoint
 from wan_int8.formats.safetensors_io import CheckpointError, save_tensors
-from wan_int8.loader import LoadConfig, build_wan_model
+from wan_int8.loader import build_wan_model
 from wan_int8.models.tiny_wan import build_tiny_wan_state_dict
 from wan_int8.models.wan import WanConfig, WanModel, seeded_inputs
 from wan_int8.quant import QuantFormatError, quantize_weight, rel_error

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 

@@ -7,7 +7,7 @@ applied on top of whichever quantization format the file has.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from .base import Checkpoint, LayerSource, TensorSource, strip_prefix
 from .safetensors_io import CheckpointError, SafetensorsFile, read_header

@@ -4,9 +4,7 @@ Shared by the lightx2v and seed readers: they differ in what else a file may hol
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from typing import List, Optional, Tuple
 
 from ..quant.types import Int8Weight, QuantFormatError, Rotation
 from .base import LayerSource
