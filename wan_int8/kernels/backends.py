@@ -6,7 +6,8 @@
 - "comfy_kitchen": ComfyUI's own INT8 kernel (CUTLASS), when the package is importable; it runs tensor/row
   scales, optionally with ComfyUI's convrot rotation, dynamic activations only.
 Both compute the function of `quant.int8_linear_reference` (comfy-kitchen rotates the activation in its own
-dtype rather than fp32, a rounding-level difference).
+dtype rather than fp32, a rounding-level difference).  A call's LoRA term (`lora_t · lora_bᵀ`) is added after
+their GEMM: in fp32 before the cast where the epilogue is ours in torch, else in the output dtype, in place.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..quant.int8 import quantize_activation
-from .registry import ROT_KINDS, Backend, LinearCall
+from .registry import ROT_KINDS, Backend, LinearCall, add_lora_output
 
 log = logging.getLogger("wan_int8.kernels")
 
@@ -52,18 +53,22 @@ def _cublaslt_run(call: LinearCall) -> torch.Tensor:
         acc = torch._int_mm(padded, call.qdata.t())[:m]
     else:
         acc = torch._int_mm(xq, call.qdata.t())
-    return _dequant(acc, sx, call.scale, call.bias, call.out_dtype)
+    return _dequant(acc, sx, call.scale, call.bias, call.out_dtype, call)
 
 
-def _dequant(acc, sx, sw, bias, out_dtype):
+def _dequant(acc, sx, sw, bias, out_dtype, call: Optional[LinearCall] = None):
     from .triton_backend import triton_available
     if acc.is_cuda and triton_available(acc.device)[0]:
         from .triton_dequant import dequant_epilogue
-        return dequant_epilogue(acc, sx, sw, bias, out_dtype)
+        y = dequant_epilogue(acc, sx, sw, bias, out_dtype)
+        return y if call is None else add_lora_output(call, y)
     y = acc.to(torch.float32) * (sw if sw.dim() == 0 else sw[None, :])
     y = y * sx[:, None]
     if bias is not None:
         y = y + bias.to(torch.float32)
+    if call is not None and call.lora_t is not None:
+        y = y.to(torch.promote_types(y.dtype, out_dtype))
+        y.addmm_(call.lora_t.to(y.dtype), call.lora_b.to(y.dtype).t())
     return y.to(out_dtype)
 
 
@@ -100,7 +105,10 @@ def _ck_run(call: LinearCall) -> torch.Tensor:
     fn, _ = _comfy_kitchen()
     scale = call.scale.reshape(-1, 1) if call.scale.dim() == 1 else call.scale
     convrot = bool(call.rot_kind)
-    return fn(call.x, call.qdata, scale, call.bias, call.out_dtype, convrot, call.rot_group or 256)
+    y = fn(call.x, call.qdata, scale, call.bias, call.out_dtype, convrot, call.rot_group or 256)
+    if call.lora_t is not None and not y.is_contiguous():
+        y = y.contiguous()
+    return add_lora_output(call, y)
 
 
 COMFY_KITCHEN = Backend("comfy_kitchen", _ck_check, _ck_run, priority=1)

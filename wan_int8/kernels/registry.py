@@ -40,6 +40,15 @@ class LinearCall:
     rot_group: int
     out_dtype: torch.dtype
     name: str = ""
+    # a LoRA's fusable low-rank part, added to the output by the backend: `lora_t [M, R] · lora_b [N, R]ᵀ`
+    # (t = (x·A_catᵀ)·diag(s) in the model dtype).  Triton adds it in its GEMM epilogue (fp32, one store);
+    # the others after their GEMM.  None: no LoRA.
+    lora_t: Optional[torch.Tensor] = None
+    lora_b: Optional[torch.Tensor] = None
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_t is None else int(self.lora_t.shape[1])
 
     @property
     def m(self) -> int:
@@ -81,7 +90,18 @@ class Backend:
 def _reference_run(call: LinearCall) -> torch.Tensor:
     xq, sx = quantize_activation(call.x, call.rotation, call.input_scale, get_settings().hadamard_chunk_size)
     w = call.weight()
-    return _gemm_dequant(xq, sx, w, call.bias).to(call.out_dtype)
+    y = _gemm_dequant(xq, sx, w, call.bias)
+    if call.lora_t is not None:   # in fp32 (fp64 for fp64 outputs) before the one cast, as the fused epilogue
+        acc = torch.promote_types(y.dtype, call.out_dtype)
+        y = y.to(acc).addmm_(call.lora_t.to(acc), call.lora_b.to(acc).t())
+    return y.to(call.out_dtype)
+
+
+def add_lora_output(call: LinearCall, y: torch.Tensor) -> torch.Tensor:
+    """`y += lora_t · lora_bᵀ` in y's dtype, in place (backends whose GEMM output is already cast)."""
+    if call.lora_t is not None:
+        y.addmm_(call.lora_t.to(y.dtype), call.lora_b.to(y.dtype).t())
+    return y
 
 
 REFERENCE = Backend("reference", lambda call: None, _reference_run, priority=-100, auto_on_cpu=True)
@@ -123,7 +143,7 @@ class KernelRegistry:
             self._fast_owner = settings
         sig = (x.device, m_bucket(call.m), call.k, call.n, x.dtype, call.out_dtype, tuple(s.shape),
                call.rot_kind, call.rot_group, call.signs is not None, call.bias is not None,
-               call.input_scale is not None, qdata_ok(call))
+               call.input_scale is not None, qdata_ok(call), call.lora_rank)
         backend = self._fast.get(sig)
         if backend is None:
             backend = self._choose(call, settings)
@@ -272,7 +292,8 @@ def dispatch_key(call: LinearCall) -> str:
     group = f"group{call.k // call.scale.shape[1]}" if call.scale.dim() == 2 else call.granularity
     rot = f"{ROT_KINDS[call.rot_kind]}{call.rot_group}" if call.rot_kind else "norot"
     return (f"{where}|M{m_bucket(call.m)}|K{call.k}|N{call.n}|{group}|{rot}|{str(call.x.dtype)[6:]}"
-            f"|{'bias' if call.bias is not None else 'nobias'}|{'static' if call.input_scale is not None else 'dyn'}")
+            f"|{'bias' if call.bias is not None else 'nobias'}|{'static' if call.input_scale is not None else 'dyn'}"
+            + (f"|lora{call.lora_rank}" if call.lora_t is not None else ""))
 
 
 def qdata_ok(call: LinearCall) -> bool:

@@ -62,7 +62,8 @@ def triton_available(device: Optional[torch.device] = None) -> Tuple[bool, str]:
 def _signature(call: LinearCall) -> str:
     rot = ROT_KINDS[call.rot_kind] if call.rot_kind else "none"
     group = call.k // call.scale.shape[1] if call.scale.dim() == 2 else 0
-    return f"{call.x.dtype}->{call.out_dtype} {call.granularity}{group or ''} rot={rot}{call.rot_group or ''}"
+    lora = f" lora{call.lora_rank}" if call.lora_t is not None else ""
+    return f"{call.x.dtype}->{call.out_dtype} {call.granularity}{group or ''} rot={rot}{call.rot_group or ''}{lora}"
 
 
 def check(call: LinearCall) -> Optional[str]:
@@ -108,6 +109,12 @@ def check(call: LinearCall) -> Optional[str]:
         return f"row scale has {s.shape[0]} entries for N={call.n}"
     if call.input_scale is not None and call.input_scale.numel() != 1:
         return "static input_scale must be a scalar"
+    if call.lora_t is not None:
+        t, b = call.lora_t, call.lora_b
+        if t.dtype != b.dtype or t.dtype not in _FLOAT_DTYPES:
+            return f"LoRA operands must share one of bf16/fp16/fp32 (got {t.dtype}, {b.dtype})"
+        if t.device != x.device or b.device != x.device:
+            return "LoRA operands are on another device"
     if call.rot_kind:
         from .triton_quant import rotation_unsupported
         reason = rotation_unsupported(ROT_KINDS[call.rot_kind], call.rot_group, call.k)
@@ -149,9 +156,10 @@ def triton_int8_linear(call: LinearCall) -> torch.Tensor:
         if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
                 xq, sx = quant(x, rot, call.rot_group, call.signs, call.input_scale)
-                return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype)
+                return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype, lora_t=call.lora_t,
+                            lora_b=call.lora_b)
         xq, sx = quant(x, rot, call.rot_group, call.signs, call.input_scale)
-        return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype)
+        return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype, lora_t=call.lora_t, lora_b=call.lora_b)
     except Exception as exc:
         if not _looks_like_compile_failure(exc):
             raise

@@ -48,11 +48,39 @@ def _fold(acc_f, part, sw, FOLD: tl.constexpr):
 
 
 @triton.jit
+def _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn,
+              R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, EVEN_R: tl.constexpr, LORA_F32: tl.constexpr):
+    """y + t[m, :R] · lb[n, :R]ᵀ in fp32: the LoRA up-projection fused into the epilogue (t = (x·A_catᵀ)·diag(s),
+    lb = B_cat, both with unit stride along R).  Unrolled over R in R_CHUNK steps (R_PAD = R rounded up to
+    R_CHUNK, a constexpr: no loop for the pipeliner / loop flattening to see); ranks past R are masked to zero
+    unless EVEN_R.  LORA_F32: operands upcast to fp32 and an IEEE fp32 dot (fp32 models, and the interpreter,
+    whose bf16 dot is wrong); else a bf16/fp16 tensor-core dot with fp32 accumulation (products are exact)."""
+    rr = tl.arange(0, R_CHUNK)
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        t_ptrs = t_ptr + offs_am[:, None] * stride_tm + (r0 + rr)[None, :]
+        b_ptrs = lb_ptr + offs_bn[None, :] * stride_lbn + (r0 + rr)[:, None]
+        if EVEN_R:
+            t = tl.load(t_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            t = tl.load(t_ptrs, mask=(r0 + rr)[None, :] < R, other=0.0)
+            b = tl.load(b_ptrs, mask=(r0 + rr)[:, None] < R, other=0.0)
+        if LORA_F32:
+            y = tl.dot(t.to(tl.float32), b.to(tl.float32), y, input_precision="ieee")
+        else:
+            y = tl.dot(t, b, y)
+    return y
+
+
+@triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
+                      t_ptr, lb_ptr, R, stride_tm, stride_lbn,
                       SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FOLD: tl.constexpr = 0):
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FOLD: tl.constexpr = 0,
+                      HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16, R_CHUNK: tl.constexpr = 16,
+                      EVEN_R: tl.constexpr = True, LORA_F32: tl.constexpr = False):
     """FOLD (group scales): 0 int->float by conversion; 1 exact magic-number conversion (needs GROUP_K <= 256:
     a group's partial |sum| <= 256*128*127 < 2^22); 2 as 1, deferred by one K step so the fold of step k
     overlaps the (async wgmma) dot of step k+1 (BLOCK_K == GROUP_K only)."""
@@ -120,6 +148,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
     y = y * tl.load(sx_ptr + offs_am)[:, None]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+    if HAS_LORA:
+        y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R, LORA_F32)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -138,11 +168,14 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
+                                 t_ptr, lb_ptr, R, stride_tm, stride_lbn,
                                  SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, USE_TMA: tl.constexpr,
                                  FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, FOLD: tl.constexpr = 0,
-                                 EPI: tl.constexpr = 0):
+                                 EPI: tl.constexpr = 0, HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16,
+                                 R_CHUNK: tl.constexpr = 16, EVEN_R: tl.constexpr = True,
+                                 LORA_F32: tl.constexpr = False, LORA_TMA: tl.constexpr = False):
     """Persistent variant: NUM_SMS programs loop over the output tiles (grouped order).  USE_TMA: operands
     (and the output) through device-side tensor descriptors (Hopper TMA; needs contiguous K-major a and b, K
     and N*elem 16-byte aligned, and `triton.set_allocator`); else pointer loads (any strides, interpreter).
@@ -163,6 +196,10 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
         elif EPI == 1:
             c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                                block_shape=[BLOCK_M, BLOCK_N // 2])
+    if HAS_LORA and LORA_TMA:   # LoRA tiles straight to shared memory (no registers; TMA zero-fills past R, M, N)
+        t_desc = tl.make_tensor_descriptor(t_ptr, shape=[M, R], strides=[stride_tm, 1], block_shape=[BLOCK_M, R_CHUNK])
+        lb_desc = tl.make_tensor_descriptor(lb_ptr, shape=[N, R], strides=[stride_lbn, 1],
+                                            block_shape=[BLOCK_N, R_CHUNK])
     offs_k = tl.arange(0, BLOCK_K)
     for tile_id in tl.range(start_pid, num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
@@ -206,6 +243,17 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
         y = y * tl.load(sx_ptr + offs_am)[:, None]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+        if HAS_LORA and LORA_TMA:
+            for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+                lt = t_desc.load([off_m, r0])
+                lb = lb_desc.load([off_n, r0]).T
+                if LORA_F32:
+                    y = tl.dot(lt.to(tl.float32), lb.to(tl.float32), y, input_precision="ieee")
+                else:
+                    y = tl.dot(lt, lb, y)
+        elif HAS_LORA:
+            y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R,
+                          LORA_F32)
         if USE_TMA and EPI == 0:
             c_desc.store([off_m, off_n], y.to(c_ptr.dtype.element_ty))
         elif USE_TMA and EPI == 1:
@@ -342,9 +390,10 @@ def _kernel(arch: str, small: bool, group: int, mid: bool = False, persistent: b
                 c.setdefault("EPI", 0)
             c.setdefault("FOLD", fold_default(group))
             configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
-        keys = ["M_BUCKET", "N", "K", "SW_MODE", "GROUP_K", "HAS_BIAS"]
+        keys = ["M_BUCKET", "N", "K", "SW_MODE", "GROUP_K", "HAS_BIAS", "HAS_LORA", "R_PAD"]
         if persistent:
-            fn = triton.autotune(configs=configs, key=keys, **_autotune_kwargs())(_int8_gemm_persistent_kernel)
+            fn = triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune_configs},
+                                 **_autotune_kwargs())(_int8_gemm_persistent_kernel)
         else:
             heur = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_gemm_kernel)
             fn = triton.autotune(configs=configs, key=keys, **_autotune_kwargs())(heur)
@@ -423,8 +472,12 @@ def _split_config(cfg: dict) -> tuple:
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
               out: Optional[torch.Tensor] = None, variant: Optional[str] = None,
-              config: Optional[dict] = None) -> torch.Tensor:
-    """`(a [M, K] int8) · (b [N, K] int8)ᵀ * sx[M] * sw (+ bias)` -> `[M, N]` in `out_dtype`.
+              config: Optional[dict] = None, lora_t: Optional[torch.Tensor] = None,
+              lora_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`(a [M, K] int8) · (b [N, K] int8)ᵀ * sx[M] * sw (+ bias) (+ lora_t · lora_bᵀ)` -> `[M, N]` in `out_dtype`.
+
+    `lora_t [M, R]`, `lora_b [N, R]` (same float dtype; a stacked LoRA's down-projected, strength-scaled input
+    and its up-projection): added in fp32 in the epilogue, before the one cast and store (see `_lora_add`).
 
     `variant`: "ptr" (grid of tiles, pointer loads), "persistent" (persistent, pointer loads) or "tma"
     (persistent, tensor descriptors); default: "tma" where PERSISTENT_DEFAULT and supported, else "ptr".
@@ -463,10 +516,24 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
             raise ValueError(f"group size {group} must be a multiple of 16")
     if sw.dtype != torch.float32 or sx.dtype != torch.float32:
         raise ValueError("scales must be float32")
+    has_lora = lora_t is not None and lora_t.shape[1] > 0
+    if has_lora:
+        r = lora_t.shape[1]
+        if lora_b is None or tuple(lora_b.shape) != (n, r) or lora_t.shape[0] != m or lora_t.dim() != 2:
+            raise ValueError(f"LoRA operands must be t [M={m}, R] and b [N={n}, R], got {tuple(lora_t.shape)} and "
+                             f"{None if lora_b is None else tuple(lora_b.shape)}")
+        if lora_t.dtype != lora_b.dtype or lora_t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"LoRA operands must share one of bf16/fp16/fp32, got {lora_t.dtype}, {lora_b.dtype}")
+        if lora_t.stride(1) != 1:
+            lora_t = lora_t.contiguous()
+        if lora_b.stride(1) != 1:
+            lora_b = lora_b.contiguous()
     if k == 0:
         c.zero_()
         if bias is not None:
             c += bias.to(c.dtype)
+        if has_lora:
+            c += (lora_t.float() @ lora_b.float().t()).to(c.dtype)
         return c
     has_bias = bias is not None
     mb = min(1 << max(0, (m - 1).bit_length()), M_BUCKET_CAP)   # m_bucket(m), inlined (hot path)
@@ -474,10 +541,17 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
     sb0, sb1 = b.stride()
     sc0, sc1 = (n, 1) if out is None else c.stride()
     bias_ = bias if has_bias else sx
-    args = (a, b, c, sx, sw, bias_, m, n, k, mb, sa0, sa1, sb0, sb1, sc0, sc1, stride_sw)
+    if has_lora:
+        lt, lb, stm, slbn = lora_t, lora_b, lora_t.stride(0), lora_b.stride(0)
+        es = lt.element_size()
+        lsig = (lt.dtype, r, stm, slbn, (r * es) % 16 == 0 and (stm * es) % 16 == 0 and (slbn * es) % 16 == 0
+                and lt.data_ptr() % 16 == 0 and lb.data_ptr() % 16 == 0)   # [4]: TMA-loadable
+    else:
+        lt, lb, r, stm, slbn, lsig = sx, sx, 0, 0, 0, None
+    args = (a, b, c, sx, sw, bias_, m, n, k, mb, sa0, sa1, sb0, sb1, sc0, sc1, stride_sw, lt, lb, r, stm, slbn)
     sig = (a.device, mb, n, k, sa0, sa1, sb0, sb1, sc0, sc1, c.dtype, mode, group, stride_sw,
            bias.dtype if has_bias else None, variant, None if config is None else tuple(sorted(config.items())),
-           a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and c.data_ptr() % 16 == 0)
+           a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and c.data_ptr() % 16 == 0, lsig)
     plan = _PLANS.get(sig)
     if plan is not None:
         launcher, bm, bn, persistent = plan
@@ -488,14 +562,51 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
             tiles = max(1, min(launcher.constexprs["NUM_SMS"], tiles))
         # everything Triton specializes on that the plan's signature does not fix: M, the scale/bias pointers
         spec = (m == 1, m % 16 == 0, sx.data_ptr() % 16 == 0, sw.data_ptr() % 16 == 0,
-                bias_.data_ptr() % 16 == 0, bias_.dtype, sw.dtype, sx.dtype)
+                bias_.data_ptr() % 16 == 0, bias_.dtype, sw.dtype, sx.dtype,
+                lt.data_ptr() % 16 == 0, lb.data_ptr() % 16 == 0)
         launcher.keyed(spec, (tiles, 1, 1), args)
         return c
-    _PLANS[sig] = _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config)
+    _PLANS[sig] = _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig)
     return c
 
 
-def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config):
+# LoRA epilogue: ranks per tl.dot step (multiples of 16).  Offline sm_90 compiles (Triton 3.9, 128x256 tiles,
+# 8 warps): pointer loads of the t/B tiles go through registers, and 16-rank steps keep those kernels at or under
+# 255 registers without spills where 32/64 spill; TMA loads (the persistent TMA kernel, TMA-aligned operands)
+# go straight to shared memory: 32 ranks per step, 224 registers, no spills, no extra shared memory without
+# FLATTEN (the operand stages are reused).
+LORA_R_CHUNK_PTR = int(os.environ.get("WAN_INT8_LORA_R_CHUNK_PTR", "16"))
+LORA_R_CHUNK_TMA = int(os.environ.get("WAN_INT8_LORA_R_CHUNK_TMA", "32"))
+# With FLATTEN, the pipeliner multi-buffers the epilogue's LoRA TMA loads (shared memory grows with R: 205 KB
+# at R=64, 329 KB at R=128): FLATTEN configs are dropped above this padded rank.
+LORA_FLATTEN_MAX_R = 64
+
+
+def lora_constexprs(lsig: Optional[tuple], use_tma: bool) -> dict:
+    """The kernel's LoRA constexprs for a LoRA signature (dtype, R, strides, TMA-loadable) or None (no LoRA)."""
+    if lsig is None:
+        return dict(HAS_LORA=False)
+    dtype, r, tma_ok = lsig[0], lsig[1], lsig[4]
+    lora_tma = bool(use_tma and tma_ok)
+    rc = LORA_R_CHUNK_TMA if lora_tma else LORA_R_CHUNK_PTR
+    if r <= 16:
+        rc = 16
+    r_pad = -(-r // rc) * rc
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    out = dict(HAS_LORA=True, R_PAD=r_pad, R_CHUNK=rc, EVEN_R=r == r_pad, LORA_F32=dtype == torch.float32 or interp)
+    if use_tma:
+        out["LORA_TMA"] = lora_tma
+    return out
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    if kwargs.get("HAS_LORA") and kwargs.get("LORA_TMA") and kwargs.get("R_PAD", 0) > LORA_FLATTEN_MAX_R:
+        kept = [c for c in configs if not c.kwargs.get("FLATTEN")]
+        return kept or configs
+    return configs
+
+
+def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig):
     """Resolve the variant and configuration for one call signature (autotuning if needed), run the call, and
     return the plan later calls of the signature launch directly."""
     from .triton_launch import Launcher
@@ -518,7 +629,8 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config):
 
         def pgrid(meta):
             return (max(1, min(nsm, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))),)
-        fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, NUM_SMS=nsm, USE_TMA=use_tma)
+        fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, NUM_SMS=nsm, USE_TMA=use_tma,
+                     **lora_constexprs(lsig, use_tma))
         if config is not None:
             cfg = dict(config)
             cfg.setdefault("FLATTEN", False)
@@ -540,7 +652,7 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config):
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias)
+    fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, **lora_constexprs(lsig, False))
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("FOLD", fold_default(group))
