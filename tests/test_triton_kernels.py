@@ -364,3 +364,159 @@ def test_launcher_spec_and_tail():
                   dict(num_warps=4))
     assert ln._n_rt == 8
     assert ln._tail == (2, 64, True, False, False, 32, 0)
+
+
+# -- LoRA up-projection fused into the GEMM epilogue ------------------------------------------------------------
+def _lora_operands(m, n, r, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(m, r, generator=g) * 0.5).to(dtype)
+    b = (torch.randn(n, r, generator=g) * 0.3).to(dtype)
+    return t, b
+
+
+LORA_CASES = [  # (variant, mode, m, n, k, r, out dtype): ragged M/N against 16x32 tiles, R not a multiple of 16
+    ("ptr", "row", 37, 80, 128, 20, torch.float32),
+    ("ptr", "tensor", 17, 48, 96, 40, torch.bfloat16),
+    ("ptr", "group", 33, 72, 128, 64, torch.float16),
+    ("ptr", "row", 1, 40, 64, 7, torch.bfloat16),
+    ("persistent", "row", 37, 80, 128, 20, torch.float32),
+    ("persistent", "group", 23, 56, 128, 36, torch.bfloat16),
+    ("persistent", "tensor", 40, 64, 96, 64, torch.float16),
+    ("tma", "row", 37, 80, 256, 24, torch.float32),     # LoRA tiles by TMA (zero fill past M and R)
+    ("tma", "group", 29, 72, 128, 40, torch.bfloat16),  # TMA, R_PAD 64 > R
+    ("tma", "tensor", 21, 48, 96, 6, torch.float32),    # 24-byte rows: not TMA-loadable, pointer loads
+]
+
+
+@pytest.mark.parametrize("variant,mode,m,n,k,r,out_dtype", LORA_CASES)
+def test_gemm_lora_epilogue(variant, mode, m, n, k, r, out_dtype):
+    """y = oracle + t·Bᵀ (float64 term), summed before the one cast: to the output dtype's rounding."""
+    from wan_int8.kernels.triton_gemm import int8_gemm, tma_supported
+    if variant == "tma" and tma_supported(torch.device("cpu")) is not None:
+        pytest.skip(f"tensor descriptors unavailable: {tma_supported(torch.device('cpu'))}")
+    group = 64 if mode == "group" else 0
+    seed = m * 7 + r
+    w = _weight(n, k, mode, group, seed=seed)
+    x = _activation(m, k, torch.bfloat16, seed=seed + 1)
+    xq, sx = quantize_activation(x)
+    bias = torch.randn(n) if m % 2 else None
+    t, b = _lora_operands(m, n, r, torch.float32 if out_dtype == torch.float32 else out_dtype, seed + 2)
+    lora = t.double() @ b.double().t()
+    ref = (_gemm_dequant(xq, sx, w, bias).double() + lora)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)
+    y = int8_gemm(xq, w.qdata, sx, w.scale, bias, out_dtype, out=out, variant=variant, lora_t=t, lora_b=b)
+    assert lora.abs().max() > 0.1 * ref.abs().max()   # the LoRA term is not negligible here
+    if out_dtype == torch.float32:
+        assert bool(torch.isfinite(y).all())
+        scale = ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        assert float(((y.double() - ref).abs() / scale).max()) <= 2e-6   # fp32 sums over K-groups and R
+    else:
+        _assert_gemm_close(y, ref, out_dtype, group)
+    # the cached plan (second call) gives the same; without LoRA operands, the plain GEMM
+    y2 = int8_gemm(xq, w.qdata, sx, w.scale, bias, out_dtype, variant=variant, lora_t=t, lora_b=b)
+    assert torch.equal(y, y2)
+    plain = int8_gemm(xq, w.qdata, sx, w.scale, bias, out_dtype, variant=variant)
+    _assert_gemm_close(plain, _gemm_dequant(xq, sx, w, bias), out_dtype, group)
+
+
+def test_gemm_lora_rejects_bad_operands():
+    from wan_int8.kernels.triton_gemm import int8_gemm
+    w = _weight(32, 64, "row", 0, 1)
+    xq, sx = quantize_activation(_activation(5, 64, torch.bfloat16, 1))
+    t, b = _lora_operands(5, 32, 8, torch.bfloat16, 2)
+    with pytest.raises(ValueError):
+        int8_gemm(xq, w.qdata, sx, w.scale, lora_t=t, lora_b=b[:16])
+    with pytest.raises(ValueError):
+        int8_gemm(xq, w.qdata, sx, w.scale, lora_t=t, lora_b=b.float())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_int8_linear_lora_backends(backend):
+    """`ops.int8_linear(lora_t=, lora_b=)`: every backend adds the term; 3-D x with a [M, R] or [..., R] t."""
+    from wan_int8.config import get_settings, set_settings, update_settings
+    from wan_int8.kernels.ops import int8_linear
+    from wan_int8.kernels.registry import REGISTRY, dispatch_key
+    k, n, r = 96, 48, 12
+    w = _weight(n, k, "row", 0, 3)
+    x = _activation(2 * 9, k, torch.bfloat16, 4).reshape(2, 9, k)
+    t, b = _lora_operands(18, n, r, torch.bfloat16, 5)
+    bias = torch.randn(n).to(torch.bfloat16)
+    old = get_settings()
+    try:
+        update_settings(force_kernel=backend)
+        y = int8_linear(x, w.qdata, w.scale, bias, name="lora-test", lora_t=t.reshape(2, 9, r), lora_b=b)
+        y_flat_t = int8_linear(x, w.qdata, w.scale, bias, name="lora-test", lora_t=t, lora_b=b)
+        y0 = int8_linear(x, w.qdata, w.scale, bias, name="lora-test")
+    finally:
+        set_settings(old)
+    xq, sx = quantize_activation(x.reshape(-1, k))
+    ref = (_gemm_dequant(xq, sx, w, bias).double() + t.double() @ b.double().t()).reshape(2, 9, n)
+    assert y.shape == (2, 9, n) and torch.equal(y, y_flat_t)
+    _assert_gemm_close(y.reshape(-1, n), ref.reshape(-1, n), torch.bfloat16, 0)
+    # unfused (the old path): the INT8 output rounded to bf16, then addmm_ in bf16: equal to bf16 rounding
+    unfused = y0.clone().reshape(-1, n).addmm_(t, b.t()).reshape(2, 9, n)
+    assert float((y.float() - unfused.float()).abs().max()) <= 2 * torch.finfo(torch.bfloat16).eps * float(ref.abs().max())
+    call = LinearCall(x.reshape(-1, k), w.qdata, w.scale, None, None, None, 0, 0, x.dtype, "l", t, b)
+    assert dispatch_key(call).endswith("|lora12") and "lora" not in dispatch_key(_call(x.reshape(-1, k), w))
+    assert REGISTRY is not None
+
+
+def test_layer_lora_fused_matches_unfused():
+    """An INT8 layer with a LoRA stack on the Triton backend: fused epilogue == unfused `apply` to bf16 rounding;
+    dense deltas are added after the fused GEMM; removing the LoRA is bit-exact."""
+    from torch import nn
+    from wan_int8.config import get_settings, set_settings, update_settings
+    from wan_int8.layers import Int8Linear
+    from wan_int8.lora import apply_loras, parse_tensors, remove_loras
+    from wan_int8.lora import runtime
+    n, k = 80, 96
+    g = torch.Generator().manual_seed(21)
+    model = nn.Module()
+    model.q = Int8Linear.from_linear(nn.Linear(k, n), name="q")
+    model.q.bias.data = model.q.bias.data.to(torch.bfloat16)
+    model.dtype = torch.bfloat16
+    x = _activation(3 * 11, k, torch.bfloat16, 22).reshape(3, 11, k)
+    t1 = {"diffusion_model.q.lora_down.weight": torch.randn(8, k, generator=g) * 0.2,
+          "diffusion_model.q.lora_up.weight": torch.randn(n, 8, generator=g) * 0.2,
+          "diffusion_model.q.alpha": torch.tensor(4.0)}
+    t2 = {"diffusion_model.q.lora_down.weight": torch.randn(12, k, generator=g) * 0.2,
+          "diffusion_model.q.lora_up.weight": torch.randn(n, 12, generator=g) * 0.2}
+    t3 = {"diffusion_model.q.diff": torch.randn(n, k, generator=g) * 0.01}
+    old = get_settings()
+    try:
+        update_settings(force_kernel="triton")
+        y0 = model.q(x)
+        for files in ([t1], [t1, t2], [t1, t2, t3]):
+            apply_loras(model, [(parse_tensors(t, f"l{i}"), 0.8 - 0.5 * i) for i, t in enumerate(files)])
+            fused = model.q(x)
+            runtime.FUSE = False
+            try:
+                unfused = model.q(x)
+            finally:
+                runtime.FUSE = True
+            ref = unfused.float()
+            tol = 2 * torch.finfo(torch.bfloat16).eps * float(ref.abs().max())
+            assert float((fused.float() - ref).abs().max()) <= tol
+            assert float((fused.float() - y0.float()).abs().max()) > 10 * tol   # the LoRA is there
+        remove_loras(model)
+        assert torch.equal(model.q(x), y0)
+    finally:
+        set_settings(old)
+    from wan_int8.kernels.registry import REGISTRY
+    assert any(backend == "triton" and "K=96 N=80" in shape for backend, shape in REGISTRY.stats())
+    assert any(backend == "triton" for backend, _ in REGISTRY.stats())
+
+
+def test_lora_constexprs_and_flatten_prune():
+    import triton as _triton
+    from wan_int8.kernels.triton_gemm import _prune_configs, lora_constexprs
+    assert lora_constexprs(None, True) == dict(HAS_LORA=False)
+    c = lora_constexprs((torch.bfloat16, 64, 64, 64, True), True)
+    assert c["LORA_TMA"] and c["R_PAD"] % c["R_CHUNK"] == 0 and c["R_PAD"] >= 64
+    c = lora_constexprs((torch.bfloat16, 20, 20, 20, False), True)
+    assert not c["LORA_TMA"] and c["R_PAD"] == 32 and not c["EVEN_R"]
+    assert "LORA_TMA" not in lora_constexprs((torch.bfloat16, 64, 64, 64, True), False)
+    cfgs = [_triton.Config(dict(BLOCK_M=16, FLATTEN=True)), _triton.Config(dict(BLOCK_M=16, FLATTEN=False))]
+    assert len(_prune_configs(cfgs, {}, HAS_LORA=True, LORA_TMA=True, R_PAD=256)) == 1
+    assert len(_prune_configs(cfgs, {}, HAS_LORA=True, LORA_TMA=True, R_PAD=64)) == 2
+    assert len(_prune_configs(cfgs, {}, HAS_LORA=False)) == 2

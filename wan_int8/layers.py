@@ -87,14 +87,23 @@ class Int8Linear(nn.Module):
 
     # -- run ------------------------------------------------------------------------------------
     # LoRA: an object with `apply(x, y) -> y` (wan_int8.lora) installed by the LoRA machinery; it adds its
-    # low-rank term into the INT8 output and never touches the int8 weight.  None: no LoRA.
+    # low-rank term into the INT8 output and never touches the int8 weight.  None: no LoRA.  When it also has
+    # `fused_parts(x) -> (t, B, state)` and `finish(x, y, state) -> y`, the low-rank term `t·Bᵀ` goes into the
+    # INT8 op (the Triton GEMM adds it in its epilogue: y is written once) and `finish` adds the rest.
     lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lora = self.lora
+        fused = getattr(lora, "fused_parts", None) if lora is not None else None
+        if fused is not None:
+            t, b, state = fused(x)
+            y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale, self.rotation_kind,
+                            self.rotation_group, self.rotation_signs, self.layer_name, lora_t=t, lora_b=b)
+            return lora.finish(x, y, state)
         y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale, self.rotation_kind,
                         self.rotation_group, self.rotation_signs, self.layer_name)
-        if self.lora is not None:
-            y = self.lora.apply(x, y)
+        if lora is not None:
+            y = lora.apply(x, y)
         return y
 
     def _apply(self, fn, recurse=True):

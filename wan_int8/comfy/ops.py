@@ -15,7 +15,9 @@ load as `QuantizedTensor`s of our own layout `WanInt8GroupwiseLayout`, registere
 the memory manager and stock LoRA handle these layers too.
 
 A wan-int8 LoRA stack is an object in the `lora` slot (`apply(x, y) -> y`), installed and removed by the
-ModelPatcher injection in `wan_int8.comfy.lora`; it adds its low-rank term to whatever path produced `y`.
+ModelPatcher injection in `wan_int8.comfy.lora`; it adds its low-rank term to whatever path produced `y`.  On
+the INT8 path, a stack with `fused_parts`/`finish` (wan_int8.lora's LayerLora) hands its low-rank term to
+`int8_linear` (fused into the Triton GEMM epilogue) and `finish` adds the rest; ComfyUI's float paths use `apply`.
 
 Nothing here imports ComfyUI at module import: `comfy_modules` is resolved when ops are built (tests pass
 stand-ins).
@@ -202,27 +204,33 @@ def make_int8_ops(compute_dtype: torch.dtype = torch.bfloat16, comfy=None):
                         and len(self.weight_function) == 0 and len(self.bias_function) == 0)
 
             def forward(self, input, *args, **kwargs):
+                lora = self.lora
                 if self._runs_int8(input):
                     cops.run_every_op()
+                    fused = getattr(lora, "fused_parts", None) if lora is not None else None
+                    if fused is not None:
+                        t, b, state = fused(input)
+                        return lora.finish(input, self._forward_int8(input, t, b), state)
                     y = self._forward_int8(input)
                 else:
                     y = super().forward(input, *args, **kwargs)
-                if self.lora is not None:
-                    y = self.lora.apply(input, y)
+                if lora is not None:
+                    y = lora.apply(input, y)
                 return y
 
-            def _forward_int8(self, x):
+            def _forward_int8(self, x, lora_t=None, lora_b=None):
                 weight, bias, offload_stream = cops.cast_bias_weight(
                     self, input=None, dtype=self.weight.dtype, device=x.device, bias_dtype=x.dtype,
                     offloadable=True, compute_dtype=x.dtype, want_requant=True)
                 try:
                     if not isinstance(weight, QuantizedTensor):
                         # ComfyUI handed back a float weight (its CPU path for dynamic-VRAM modules)
-                        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+                        return _plus_lora(torch.nn.functional.linear(x, weight.to(x.dtype), bias), lora_t, lora_b)
                     qdata, p = weight._qdata, weight._params
                     scale = p.scale
                     if getattr(p, "transposed", False):
-                        return torch.nn.functional.linear(x, weight.dequantize().t().to(x.dtype), bias)
+                        return _plus_lora(torch.nn.functional.linear(x, weight.dequantize().t().to(x.dtype), bias),
+                                          lora_t, lora_b)
                     if self.layout_type == NATIVE_LAYOUT:
                         scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
                         rot_group = int(p.convrot_groupsize) if p.convrot else 0
@@ -232,13 +240,23 @@ def make_int8_ops(compute_dtype: torch.dtype = torch.bfloat16, comfy=None):
                     if input_scale is not None and input_scale.device != x.device:
                         input_scale = input_scale.to(x.device)
                     return int8_linear(x, qdata, scale, bias, input_scale, "regular" if rot_group else "none",
-                                       rot_group, None, self.wan_int8_name)
+                                       rot_group, None, self.wan_int8_name, lora_t=lora_t, lora_b=lora_b)
                 finally:
                     cops.uncast_bias_weight(self, weight, bias, offload_stream)
 
     WanInt8Ops.__name__ = WanInt8Ops.__qualname__ = "WanInt8Ops"
     WanInt8Ops.compute_dtype = compute_dtype
     return WanInt8Ops
+
+
+def _plus_lora(y: torch.Tensor, lora_t: Optional[torch.Tensor], lora_b: Optional[torch.Tensor]) -> torch.Tensor:
+    """`y + lora_t · lora_bᵀ` in y's dtype (the float fallbacks of the INT8 forward, which cannot fuse it)."""
+    if lora_t is None:
+        return y
+    if not y.is_contiguous():
+        y = y.contiguous()
+    y.view(-1, y.shape[-1]).addmm_(lora_t.reshape(-1, lora_t.shape[-1]).to(y.dtype), lora_b.to(y.dtype).t())
+    return y
 
 
 def name_layers(model: torch.nn.Module) -> int:

@@ -9,6 +9,15 @@ scale vector `s [R]` (strength · alpha / r).  The forward adds, into the INT8 o
 so N LoRAs cost one skinny GEMM pair, and a strength change rebuilds only `s` (no file read, no requant,
 the int8 weight is never touched).  Removing the LoRAs uninstalls the slot: outputs are bit-exact again.
 
+Fused path (INT8 layers: `Int8Linear` and the ComfyUI Linear's INT8 forward): `fused_parts(x)` computes
+`t = (x · A_catᵀ) · diag(s)` ([M, R], model dtype, as above) and hands `(t, B_cat)` to the INT8 op, whose Triton
+GEMM adds `t · B_catᵀ` in its epilogue: y is written once instead of being re-read and re-written by `addmm_`.
+The sum is then formed in fp32 before the single cast to the model dtype (the unfused path adds the rounded
+INT8 output and the LoRA term in the model dtype), so the fused result is the unfused one to the model dtype's
+rounding, and slightly more accurate.  `finish(x, y, state)` then adds what cannot be fused: the dense delta
+D.  Layers with an output-axis DoRA row factor c (which scales the base output but not the LoRA term) stay on
+the unfused path entirely.  `WAN_INT8_LORA_FUSE=0` (or `runtime.FUSE = False`) turns fusion off.
+
 DoRA (ComfyUI's `weight_decompose`, exactly):
 - `dora_scale [N, 1]` (output axis): W' = W + s·(g⊙(W + Δ) − W) with g = m / ‖W‖_row (ComfyUI normalizes by
   the *base* row norm on this axis).  Per output row: y' = c⊙(Wx) + b + s·g⊙(Δx), c = 1 + s(g − 1).  g is
@@ -46,6 +55,8 @@ from .keys import ModelTargets, Target, harmless_reason, param_target, resolve
 from .parse import Dense, LoraCache, LoraError, LoraFile, LowRank, load_lora
 
 log = logging.getLogger("wan_int8.lora")
+# Hand the low-rank part to the INT8 op (fused into the GEMM epilogue) instead of adding it afterwards.
+FUSE = os.environ.get("WAN_INT8_LORA_FUSE", "1") != "0"
 
 STATE_ATTR = "_wan_int8_loras"
 DORA_EPS = torch.finfo(torch.float32).eps
@@ -325,7 +336,31 @@ class LayerLora:
         return self._cast[key]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a, b, s, c, d = self._tensors(x)
+        return self._add(x, y, self._tensors(x), low_rank=True)
+
+    def fused_parts(self, x: torch.Tensor):
+        """`(t, B, state)` for an op that adds `t · Bᵀ` itself (the INT8 GEMM epilogue): t = (x·A_catᵀ)·diag(s)
+        `[M, R]` (strengths folded in through s) and B = B_cat `[N, R]`, both in x's dtype; `(None, None, state)`
+        when nothing can be fused (no low-rank part, an output-axis DoRA row factor, fusion off).  Call
+        `finish(x, y, state)` on the op's output for the rest.  Offload: takes this layer's prefetched tensors
+        once; `finish` uses the same ones."""
+        ts = self._tensors(x)
+        a, b, s, c, _ = ts
+        if a is None or c is not None or not FUSE:
+            return None, None, (ts, False)
+        t = torch.mm(x.reshape(-1, self.k), a.t())
+        t.mul_(s)
+        return t, b, (ts, True)
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor, state) -> torch.Tensor:
+        """After `fused_parts`: add what the op did not (everything when nothing was fused, else the dense D)."""
+        ts, fused = state
+        return self._add(x, y, ts, low_rank=not fused)
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, ts, low_rank: bool) -> torch.Tensor:
+        a, b, s, c, d = ts
+        if not low_rank and d is None:
+            return y
         x2 = x.reshape(-1, self.k)
         if not y.is_contiguous():
             y = y.contiguous()
@@ -335,7 +370,7 @@ class LayerLora:
             bias = getattr(self.module, "bias", None)
             if bias is not None:
                 y2.add_(bias.to(y.dtype) * (1 - c))
-        if a is not None:
+        if a is not None and low_rank:
             t = torch.mm(x2, a.t())
             t.mul_(s)
             y2.addmm_(t, b.t())
