@@ -7,7 +7,9 @@
 Per shape (M x K -> N, bf16 input with outlier channels): the INT8 linear alone, + one rank-r LoRA,
 + four stacked rank-r LoRAs (one GEMM pair of rank 4r), + four stacked with offload_to_cpu (pinned host
 memory, prefetched one layer ahead on a side stream: measured over a chain of layers so the prefetch can
-overlap), each the median of timed repeats (CUDA events), with the overhead over INT8 alone.  Then the time
+overlap), each the median of timed repeats (CUDA events), with the overhead over INT8 alone.  The LoRA rows
+run the fused path (the up-projection added in the Triton GEMM epilogue; "fused" says which backend ran it:
+only "triton" fuses); `--unfused` adds the same rows with fusion off (the separate addmm_ pass) to compare.  Then the time
 to change one LoRA's strength on a 14B-sized model: 400 INT8 layers with the real shapes (the int8 weights
 are shared between layers to save memory; every layer has its own stacked adapters).
 """
@@ -25,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from wan_int8.kernels.registry import REGISTRY  # noqa: E402
 from wan_int8.layers import Int8Linear  # noqa: E402
-from wan_int8.lora import apply_loras, parse_tensors, remove_loras, set_lora_strength  # noqa: E402
+from wan_int8.lora import apply_loras, parse_tensors, remove_loras, runtime, set_lora_strength  # noqa: E402
 from wan_int8.quant.int8 import quantize_weight  # noqa: E402
 
 SHAPES_14B = [(5120, 5120), (5120, 13824), (13824, 5120)]     # (K, N)
@@ -68,6 +71,20 @@ def lora_file(names, shapes, rank, seed, device="cpu"):
     return parse_tensors(t, f"bench-lora-{seed}")
 
 
+def ran_fused(chain, x) -> str:
+    """Run once; say which backends ran the LoRA layers' INT8 op ("triton" adds the LoRA in its epilogue; the
+    others add it after their GEMM) and whether the runtime handed the LoRA to the op at all."""
+    layer = chain.layers[0].lora
+    if layer is None or not runtime.FUSE:
+        return "off"
+    if layer.host_tensors()[0] is None or layer.host_tensors()[3] is not None:
+        return "no (nothing fusable: no low-rank part, or a DoRA row factor)"
+    REGISTRY.reset()
+    chain(x)
+    backends = sorted({b for b, _ in REGISTRY.stats()})
+    return ("yes" if backends == ["triton"] else "no") + f" ({'/'.join(backends)})"
+
+
 class Chain(nn.Module):
     """`layers` INT8 layers of one shape sharing one int8 weight, run one after another on the same input."""
 
@@ -100,19 +117,25 @@ def bench_shapes(args, device):
         shape_map = {nm: (k, n) for nm in names}
         loras = [lora_file(names, shape_map, rank, seed) for seed in range(4)]
         row = {"M": m, "K": k, "N": n, "rank": rank, "layers": chain_len}
+        cases = [("lora1", loras[:1], False, True), ("lora4", loras, False, True), ("lora4_offload", loras, True, True)]
+        if args.unfused:
+            cases += [("lora1_unfused", loras[:1], False, False), ("lora4_unfused", loras, False, False)]
         with torch.no_grad():
             row["int8_ms"] = timed(lambda: chain(x), device, args.repeats) / chain_len
-            for label, sel, offload in (("lora1", loras[:1], False), ("lora4", loras, False),
-                                        ("lora4_offload", loras, True)):
+            for label, sel, offload, fuse in cases:
                 apply_loras(chain, [(lf, 1.0) for lf in sel], offload_to_cpu=offload)
-                row[f"{label}_ms"] = timed(lambda: chain(x), device, args.repeats) / chain_len
+                runtime.FUSE = fuse
+                try:
+                    row[f"{label}_fused"] = ran_fused(chain, x) if fuse else "off"
+                    row[f"{label}_ms"] = timed(lambda: chain(x), device, args.repeats) / chain_len
+                finally:
+                    runtime.FUSE = True
                 row[f"{label}_overhead"] = row[f"{label}_ms"] / row["int8_ms"] - 1
             remove_loras(chain)
         rows.append(row)
-        print(f"M={m} K={k} N={n} rank={rank}: int8 {row['int8_ms']:.3f} ms | +1 LoRA {row['lora1_ms']:.3f} ms "
-              f"({row['lora1_overhead']:+.1%}) | +4 stacked {row['lora4_ms']:.3f} ms ({row['lora4_overhead']:+.1%}) | "
-              f"+4 offloaded {row['lora4_offload_ms']:.3f} ms ({row['lora4_offload_overhead']:+.1%})",
-              file=sys.stderr)
+        text = " | ".join(f"{label} {row[label + '_ms']:.3f} ms ({row[label + '_overhead']:+.1%}, fused: "
+                          f"{row[label + '_fused']})" for label, *_ in cases)
+        print(f"M={m} K={k} N={n} rank={rank}: int8 {row['int8_ms']:.3f} ms | {text}", file=sys.stderr)
         del chain
     return rows
 
@@ -176,6 +199,7 @@ def main() -> int:
     p.add_argument("--chain", type=int, default=4, help="layers per timed chain (the offload prefetch needs > 1)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--unfused", action="store_true", help="also time the LoRA rows with fusion off (addmm_ pass)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.cpu_smoke:
@@ -191,12 +215,15 @@ def main() -> int:
     rows = bench_shapes(args, device)
     strength = bench_strength(args, device)
     print(f"\n{info['device']}, torch {info['torch']}, {info['date']}")
-    print("| M | K | N | rank | INT8 ms | +1 LoRA | +4 stacked | +4 offloaded |")
-    print("|---|---|---|---|---|---|---|---|")
+    labels = ["lora1", "lora4", "lora4_offload"] + (["lora1_unfused", "lora4_unfused"] if args.unfused else [])
+    heads = {"lora1": "+1 LoRA", "lora4": "+4 stacked", "lora4_offload": "+4 offloaded",
+             "lora1_unfused": "+1 unfused", "lora4_unfused": "+4 unfused"}
+    print("| M | K | N | rank | INT8 ms | " + " | ".join(heads[lb] for lb in labels) + " | fused |")
+    print("|---" * (6 + len(labels)) + "|")
     for r in rows:
         print(f"| {r['M']} | {r['K']} | {r['N']} | {r['rank']} | {r['int8_ms']:.3f} | "
-              f"{r['lora1_ms']:.3f} ({r['lora1_overhead']:+.1%}) | {r['lora4_ms']:.3f} ({r['lora4_overhead']:+.1%}) | "
-              f"{r['lora4_offload_ms']:.3f} ({r['lora4_offload_overhead']:+.1%}) |")
+              + " | ".join(f"{r[lb + '_ms']:.3f} ({r[lb + '_overhead']:+.1%})" for lb in labels)
+              + f" | {r['lora1_fused']} |")
     print(f"\nstrength change, {strength['layers']} layers x {strength['loras']} LoRAs: "
           f"{strength['strength_change_s'] * 1e3:.1f} ms")
     if args.json:

@@ -12,6 +12,9 @@ triton.compile(target=GPUTarget(...)); sm_75 cannot lower an int8 tl.dot, so the
   they agree to a few fp32 ulps (an FMA contraction saves one rounding): rtol 1e-6 of the row's magnitude
   (group scales: 1e-5, one rounding per K-group).  bf16/fp16 outputs: within 1 ulp of the output type of
   the oracle's value (the interpreter casts fp32->bf16 by truncation; GPUs round to nearest even).
+- Fused LoRA epilogue: the oracle's fp32 output plus the float64 t·Bᵀ, cast once: the same 1-ulp rule (fp32
+  outputs: rtol 2e-6, the fp32 dot sums R terms).  The interpreter's bf16 tl.dot is wrong, so there the kernel
+  upcasts the LoRA operands (LORA_F32=1); the bf16 wgmma path is checked by an offline sm_90 compile.
 """
 import os
 
@@ -520,3 +523,62 @@ def test_lora_constexprs_and_flatten_prune():
     assert len(_prune_configs(cfgs, {}, HAS_LORA=True, LORA_TMA=True, R_PAD=256)) == 1
     assert len(_prune_configs(cfgs, {}, HAS_LORA=True, LORA_TMA=True, R_PAD=64)) == 2
     assert len(_prune_configs(cfgs, {}, HAS_LORA=False)) == 2
+
+
+
+_HOPPER_COMPILE = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from wan_int8.kernels import triton_gemm as tg
+out = []
+for persistent, r, lora_tma in [(True, 64, True), (True, 20, False), (False, 40, False)]:
+    jf = tg._int8_gemm_persistent_kernel if persistent else tg._int8_gemm_kernel
+    consts = dict(SW_MODE=1, GROUP_K=0, HAS_BIAS=True, FOLD=0, BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8,
+                  stride_ak=1, stride_bk=1, stride_cn=1)
+    consts.update(dict(NUM_SMS=132, USE_TMA=True, WARP_SPEC=False, FLATTEN=False, EPI=1) if persistent else
+                  dict(EVEN_K=True))
+    consts.update(tg.lora_constexprs((torch.bfloat16, r, r, r, lora_tma), persistent))
+    types = dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*bf16", sx_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*bf16",
+                 t_ptr="*bf16", lb_ptr="*bf16")
+    sig, attrs = {}, {}
+    for i, name in enumerate(jf.arg_names):
+        const = jf.params[i].is_constexpr or name in consts
+        sig[name] = "constexpr" if const else types.get(name, "i32")
+        if not const and (name in types or name in ("K", "N", "stride_am", "stride_bn", "stride_cm", "stride_tm",
+                                                    "stride_lbn")):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        if jf.params[i].is_constexpr and name not in consts:
+            consts[name] = jf.params[i].default
+    k = triton.compile(ASTSource(jf, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=8, num_stages=3))
+    out.append(dict(persistent=persistent, r=r, lora_tma=consts.get("LORA_TMA", False), shared=k.metadata.shared,
+                    wgmma=k.asm["ptx"].count("wgmma.mma_async")))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_lora_epilogue_compiles_for_hopper():
+    """The GPU-only LoRA paths (bf16 wgmma dots, TMA tile loads, masked pointer loads) lower for sm_90 at the
+    Hopper default tiles and fit its shared memory.  An offline compile in a subprocess (no GPU needed, and
+    outside the interpreter, which runs only the fp32-upcast path here)."""
+    import json
+    import subprocess
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"no offline compile API: {exc}")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "Unsupported .version" in proc.stderr:
+        pytest.skip("offline ptxas too old for this Triton")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    for row in rows:
+        assert row["shared"] <= 232448, row               # H100: 227 KB per block
+        assert row["wgmma"] > 8, row                       # the LoRA dots are tensor-core (wgmma) dots
+    assert rows[0]["lora_tma"] and not rows[1]["lora_tma"]

@@ -7,6 +7,13 @@ A: int8 codes `[M, K]` (the quantized activation), B: the int8 weight `[N, K]` r
 groups the int32 partial dot of each K-group is folded into an fp32 accumulator inside the K loop
 (`acc_f += acc_g * s_w[n, group]`), so BLOCK_K divides g.
 
+LoRA epilogue (`lora_t`, `lora_b`): `y += t · Bᵀ` with t `[M, R]` = a stacked LoRA's (x·A_catᵀ)·diag(s) and
+B = B_cat `[N, R]`, added in fp32 after the bias and before the one cast/store (`_lora_add`: bf16/fp16 tensor-
+core dots with fp32 accumulation, unrolled over R in R_CHUNK steps; fp32 operands: a 3xTF32 dot).  The
+output is written once, where a separate `addmm_` re-read and re-wrote it; the sum is rounded once (the unfused
+path rounds the INT8 output and then the sum to the model dtype), so fused and unfused agree to the model
+dtype's rounding and the fused one is the more accurate.
+
 Numerics: acc is exact; the epilogue is the oracle's sequence of fp32 operations, but the compiler may fuse a
 multiply-add into one FMA (one rounding fewer), so fp32 outputs agree with the oracle to ~1 ulp (a few ulps of
 the largest partial for group scales); bf16/fp16 outputs to 1 ulp of the output type.
@@ -48,13 +55,25 @@ def _fold(acc_f, part, sw, FOLD: tl.constexpr):
 
 
 @triton.jit
+def _lora_dot(t, b, y, LORA_F32: tl.constexpr):
+    """y + t·b.  LORA_F32 0: the operands' own dtype (bf16/fp16 tensor cores, fp32 accumulation, exact products);
+    1: upcast to fp32, IEEE dot (the interpreter, whose bf16 dot is wrong); 2: fp32 operands on a GPU, 3xTF32
+    tensor-core dot (about fp32 accuracy; an IEEE fp32 dot of a 128x256 tile spills heavily)."""
+    if LORA_F32 == 1:
+        return tl.dot(t.to(tl.float32), b.to(tl.float32), y, input_precision="ieee")
+    elif LORA_F32 == 2:
+        return tl.dot(t, b, y, input_precision="tf32x3")
+    else:
+        return tl.dot(t, b, y)
+
+
+@triton.jit
 def _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn,
               R_PAD: tl.constexpr, R_CHUNK: tl.constexpr, EVEN_R: tl.constexpr, LORA_F32: tl.constexpr):
     """y + t[m, :R] · lb[n, :R]ᵀ in fp32: the LoRA up-projection fused into the epilogue (t = (x·A_catᵀ)·diag(s),
     lb = B_cat, both with unit stride along R).  Unrolled over R in R_CHUNK steps (R_PAD = R rounded up to
     R_CHUNK, a constexpr: no loop for the pipeliner / loop flattening to see); ranks past R are masked to zero
-    unless EVEN_R.  LORA_F32: operands upcast to fp32 and an IEEE fp32 dot (fp32 models, and the interpreter,
-    whose bf16 dot is wrong); else a bf16/fp16 tensor-core dot with fp32 accumulation (products are exact)."""
+    unless EVEN_R.  LORA_F32: see `_lora_dot`."""
     rr = tl.arange(0, R_CHUNK)
     for r0 in tl.static_range(0, R_PAD, R_CHUNK):
         t_ptrs = t_ptr + offs_am[:, None] * stride_tm + (r0 + rr)[None, :]
@@ -65,10 +84,7 @@ def _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn,
         else:
             t = tl.load(t_ptrs, mask=(r0 + rr)[None, :] < R, other=0.0)
             b = tl.load(b_ptrs, mask=(r0 + rr)[:, None] < R, other=0.0)
-        if LORA_F32:
-            y = tl.dot(t.to(tl.float32), b.to(tl.float32), y, input_precision="ieee")
-        else:
-            y = tl.dot(t, b, y)
+        y = _lora_dot(t, b, y, LORA_F32)
     return y
 
 
@@ -80,7 +96,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FOLD: tl.constexpr = 0,
                       HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16, R_CHUNK: tl.constexpr = 16,
-                      EVEN_R: tl.constexpr = True, LORA_F32: tl.constexpr = False):
+                      EVEN_R: tl.constexpr = True, LORA_F32: tl.constexpr = 0):
     """FOLD (group scales): 0 int->float by conversion; 1 exact magic-number conversion (needs GROUP_K <= 256:
     a group's partial |sum| <= 256*128*127 < 2^22); 2 as 1, deferred by one K step so the fold of step k
     overlaps the (async wgmma) dot of step k+1 (BLOCK_K == GROUP_K only)."""
@@ -175,7 +191,7 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
                                  FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, FOLD: tl.constexpr = 0,
                                  EPI: tl.constexpr = 0, HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16,
                                  R_CHUNK: tl.constexpr = 16, EVEN_R: tl.constexpr = True,
-                                 LORA_F32: tl.constexpr = False, LORA_TMA: tl.constexpr = False):
+                                 LORA_F32: tl.constexpr = 0, LORA_TMA: tl.constexpr = False):
     """Persistent variant: NUM_SMS programs loop over the output tiles (grouped order).  USE_TMA: operands
     (and the output) through device-side tensor descriptors (Hopper TMA; needs contiguous K-major a and b, K
     and N*elem 16-byte aligned, and `triton.set_allocator`); else pointer loads (any strides, interpreter).
@@ -247,10 +263,7 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
             for r0 in tl.static_range(0, R_PAD, R_CHUNK):
                 lt = t_desc.load([off_m, r0])
                 lb = lb_desc.load([off_n, r0]).T
-                if LORA_F32:
-                    y = tl.dot(lt.to(tl.float32), lb.to(tl.float32), y, input_precision="ieee")
-                else:
-                    y = tl.dot(lt, lb, y)
+                y = _lora_dot(lt, lb, y, LORA_F32)
         elif HAS_LORA:
             y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R,
                           LORA_F32)
@@ -593,7 +606,8 @@ def lora_constexprs(lsig: Optional[tuple], use_tma: bool) -> dict:
         rc = 16
     r_pad = -(-r // rc) * rc
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    out = dict(HAS_LORA=True, R_PAD=r_pad, R_CHUNK=rc, EVEN_R=r == r_pad, LORA_F32=dtype == torch.float32 or interp)
+    out = dict(HAS_LORA=True, R_PAD=r_pad, R_CHUNK=rc, EVEN_R=r == r_pad,
+               LORA_F32=1 if interp else 2 if dtype == torch.float32 else 0)
     if use_tma:
         out["LORA_TMA"] = lora_tma
     return out
