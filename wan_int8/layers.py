@@ -17,7 +17,21 @@ from .quant.types import Int8Weight, QuantFormatError, Rotation
 log = logging.getLogger("wan_int8")
 
 
-class Int8Linear(nn.Module):
+class KeepsStorageDtypes(nn.Module):
+    """Moving the module moves its buffers; casting it (`model.to(torch.bfloat16)`) leaves quantized codes and
+    fp32 scales in their own dtypes (a bf16 scale would silently lose precision)."""
+
+    def _apply(self, fn, recurse=True):
+        keep = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, before in keep.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return self
+
+
+class Int8Linear(KeepsStorageDtypes):
     """A linear layer with int8 weights `[N, K]`, fp32 scales, optional rotation, float bias.
 
     State-dict keys: `weight` (int8), `weight_scale` (fp32 `[]`, `[N]` or `[N, K/g]`), `bias`, and when present
@@ -105,16 +119,6 @@ class Int8Linear(nn.Module):
         if lora is not None:
             y = lora.apply(x, y)
         return y
-
-    def _apply(self, fn, recurse=True):
-        # Keep the int8 codes int8 and the scales fp32 whatever dtype the model is cast to; only move devices.
-        keep = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, before in keep.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(device=after.device)
-        return self
 
     def extra_repr(self) -> str:
         gran = {0: "tensor", 1: "row", 2: f"group{self.in_features // max(1, self.weight_scale.shape[-1])}"}

@@ -208,6 +208,16 @@ def _quant_rotated_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K
 
 
 @triton.jit
+def _split3(z):
+    """z (fp32) = hi + mid + lo exactly: three bf16 pieces holding all 24 mantissa bits."""
+    hi = z.to(tl.bfloat16)
+    r1 = z - hi.to(tl.float32)
+    mid = r1.to(tl.bfloat16)
+    lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
 def _split3_dot(z, h, SPLIT: tl.constexpr):
     """z (fp32) @ h (±1, exact in any dtype) with fp32-level accuracy on bf16 tensor cores.
 
@@ -215,10 +225,7 @@ def _split3_dot(z, h, SPLIT: tl.constexpr):
     rounding of what is left), three dots accumulated smallest first.  SPLIT 0: one fp32 `ieee` dot (FMA)."""
     if SPLIT == 3:
         hb = h.to(tl.bfloat16)
-        hi = z.to(tl.bfloat16)
-        r1 = z - hi.to(tl.float32)
-        mid = r1.to(tl.bfloat16)
-        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        hi, mid, lo = _split3(z)
         acc = tl.dot(lo, hb, out_dtype=tl.float32)
         acc = tl.dot(mid, hb, acc, out_dtype=tl.float32)
         return tl.dot(hi, hb, acc, out_dtype=tl.float32)
@@ -231,10 +238,7 @@ def _split3_dot_left(h, z, SPLIT: tl.constexpr):
     """h (±1) @ z (fp32), batched 3-D, fp32-accurate as in `_split3_dot`."""
     if SPLIT == 3:
         hb = h.to(tl.bfloat16)
-        hi = z.to(tl.bfloat16)
-        r1 = z - hi.to(tl.float32)
-        mid = r1.to(tl.bfloat16)
-        lo = (r1 - mid.to(tl.float32)).to(tl.bfloat16)
+        hi, mid, lo = _split3(z)
         acc = tl.dot(hb, lo, out_dtype=tl.float32)
         acc = tl.dot(hb, mid, acc, out_dtype=tl.float32)
         return tl.dot(hb, hi, acc, out_dtype=tl.float32)

@@ -16,6 +16,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..layers import KeepsStorageDtypes
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-30
@@ -55,7 +57,7 @@ def fp8_linear_emulated(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.T
     return y.to(out_dtype).reshape(*lead, w_codes.shape[0])
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(KeepsStorageDtypes):
     """A linear layer holding row-wise e4m3 weights, run by `fp8_linear_emulated` (CPU or GPU, any dtype)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None, name: str = ""):
@@ -80,16 +82,6 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear_emulated(x, self.weight, self.weight_scale, self.bias)
-
-    def _apply(self, fn, recurse=True):
-        # like Int8Linear: codes stay e4m3 and scales fp32 whatever dtype the model is cast to
-        keep = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, before in keep.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(device=after.device)
-        return self
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8-e4m3 rowwise (emulated)"
