@@ -240,6 +240,43 @@ def test_kron_rotated_quantizer(m, dtype, signs, kind):
     _check_codes(q, sr, qr, sr, exact=False)
 
 
+KRON_VARIANTS = [dict(SPLIT=3), dict(SPLIT=2, F16=True), dict(SPLIT=3, PIECES=True),
+                 dict(SPLIT=2, F16=True, PIECES=True), dict(SPLIT=2, F16=True, PIECES=True, BATCHED=False),
+                 dict(SPLIT=3, BLOCK_M=2, PIECES=True), dict(SPLIT=2, F16=True, BLOCK_M=2, num_stages=1)]
+
+
+@pytest.mark.parametrize("cfg", KRON_VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("m,k,signs", [(5, 1280, True), (2, 768, False)])
+def test_kron_split_variants(cfg, m, k, signs):
+    """The sweep's Kronecker variants (16-bit split stage 2, fp16 pieces with the power-of-two row pre-scale,
+    K in power-of-two pieces) within the rotated-code tolerance.  Under the interpreter the 16-bit dots run as
+    exact fp32 dots of the same pieces (EMU), so this checks the split arithmetic, not the tensor cores."""
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    x = _activation(m, k, torch.bfloat16, 900 + k + m)
+    x[-1] *= 3e4   # a large row: the fp16 pieces must stay in range through the pre-scale
+    sg = _signs(k, m) if signs else None
+    q = torch.full((m, k), -128, dtype=torch.int8)
+    s = torch.full((m,), float("nan"))
+    quantize_activation_triton(x, "regular", 256, sg, out=q, out_scale=s, config=dict(method="kron", **cfg))
+    qr, sr = quantize_activation(x, Rotation("regular", 256, sg))
+    torch.testing.assert_close(s, sr, rtol=16 * 2.0 ** -23, atol=0)
+    _check_codes(q, sr, qr, sr, exact=False)
+
+
+@pytest.mark.parametrize("cfg,max_frac", [(dict(SPLIT=2), 2e-3), (dict(SPLIT=1), 0.2), (dict(SPLIT=1, F16=True), 0.05)])
+def test_kron_low_precision_variants(cfg, max_frac):
+    """Cheaper stage 2 (bf16 hi+lo, one bf16 or fp16 dot): still ±1 codes, only a larger mismatch fraction
+    (the sweep measures it on the GPU; here bf16 casts truncate, so it is pessimistic)."""
+    from wan_int8.kernels.triton_quant import quantize_activation_triton
+    m, k = 8, 1280
+    x = _activation(m, k, torch.bfloat16, 77)
+    q, s = quantize_activation_triton(x, "regular", 256, config=dict(method="kron", **cfg))
+    qr, sr = quantize_activation(x, Rotation("regular", 256))
+    diff = (q.to(torch.int16) - qr.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= max_frac
+    torch.testing.assert_close(s, sr, rtol=1e-2, atol=0)
+
+
 def test_kron_factorisation_matches_hadamard():
     from wan_int8.kernels.triton_quant import KRON_GROUPS, pm1_hadamard
     for kind in ("regular", "sylvester"):

@@ -218,80 +218,169 @@ def _split3(z):
 
 
 @triton.jit
-def _split3_dot(z, h, SPLIT: tl.constexpr):
-    """z (fp32) @ h (±1, exact in any dtype) with fp32-level accuracy on bf16 tensor cores.
-
-    SPLIT 3: z = hi + mid + lo, three bf16 pieces holding all 24 mantissa bits (each piece is the bf16
-    rounding of what is left), three dots accumulated smallest first.  SPLIT 0: one fp32 `ieee` dot (FMA)."""
-    if SPLIT == 3:
-        hb = h.to(tl.bfloat16)
-        hi, mid, lo = _split3(z)
-        acc = tl.dot(lo, hb, out_dtype=tl.float32)
-        acc = tl.dot(mid, hb, acc, out_dtype=tl.float32)
-        return tl.dot(hi, hb, acc, out_dtype=tl.float32)
+def _split_pieces(z, F16: tl.constexpr):
+    """hi = RN(z) and the exact residual z - hi, with hi in bf16 (8 bits) or fp16 (11 bits)."""
+    if F16:
+        hi = z.to(tl.float16)
     else:
+        hi = z.to(tl.bfloat16)
+    return hi, z - hi.to(tl.float32)
+
+
+@triton.jit
+def _pdot(a, b, acc, EMU: tl.constexpr):
+    """One tensor-core dot of 16-bit operands, fp32 accumulate.  EMU (the CPU interpreter, whose bf16 dot is
+    broken): the same exact products as an fp32 `ieee` dot of the upcast operands."""
+    if EMU:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _split3_dot(z, h, SPLIT: tl.constexpr, F16: tl.constexpr = False, EMU: tl.constexpr = False):
+    """z (fp32) @ h (±1, exact in any dtype) on 16-bit tensor cores, z split into SPLIT 16-bit pieces.
+
+    SPLIT 3: z = hi + mid + lo (bf16: all 24 mantissa bits), three dots accumulated smallest first.
+    SPLIT 2: hi + RN(residual): bf16 16 bits (rel. error ~2^-17), fp16 22 bits (~2^-23; z must be pre-scaled
+    into fp16's normal range, see `_quant_rot_kron_kernel`).  SPLIT 1: RN(z) only (ComfyUI-like, ~2^-9 bf16).
+    SPLIT 0: one fp32 `ieee` dot (FMA)."""
+    if SPLIT == 0:
         return tl.dot(z, h.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-
-
-@triton.jit
-def _split3_dot_left(h, z, SPLIT: tl.constexpr):
-    """h (±1) @ z (fp32), batched 3-D, fp32-accurate as in `_split3_dot`."""
-    if SPLIT == 3:
-        hb = h.to(tl.bfloat16)
-        hi, mid, lo = _split3(z)
-        acc = tl.dot(hb, lo, out_dtype=tl.float32)
-        acc = tl.dot(hb, mid, acc, out_dtype=tl.float32)
-        return tl.dot(hb, hi, acc, out_dtype=tl.float32)
     else:
-        return tl.dot(h.to(tl.float32), z, input_precision="ieee", out_dtype=tl.float32)
+        hi, r1 = _split_pieces(z, F16)
+        hb = h.to(hi.dtype)
+        acc = tl.zeros((z.shape[0], h.shape[1]), dtype=tl.float32)
+        if SPLIT == 3:
+            mid = r1.to(hi.dtype)
+            acc = _pdot((r1 - mid.to(tl.float32)).to(hi.dtype), hb, acc, EMU)
+            acc = _pdot(mid, hb, acc, EMU)
+        elif SPLIT == 2:
+            acc = _pdot(r1.to(hi.dtype), hb, acc, EMU)
+        return _pdot(hi, hb, acc, EMU)
 
 
 @triton.jit
-def _quant_rot_kron_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K, stride_xm, stride_xk,
-                           inv_sqrt_g, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G1: tl.constexpr,
-                           HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, BF16_IN: tl.constexpr,
-                           SPLIT: tl.constexpr, FAST_DIV: tl.constexpr, BATCHED: tl.constexpr = False):
-    """One pass: rotation by blockdiag(H_g), g = G1*G1 and H_g = H_G1 (x) H_G1 (Kronecker; true for the
-    regular and Sylvester families), fused with per-row quantization, the whole row block in registers.
+def _split3_dot_left(h, z, SPLIT: tl.constexpr, F16: tl.constexpr = False, EMU: tl.constexpr = False):
+    """h (±1) @ z (fp32), batched 3-D, with the pieces of `_split3_dot`."""
+    if SPLIT == 0:
+        return tl.dot(h.to(tl.float32), z, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        hi, r1 = _split_pieces(z, F16)
+        hb = h.to(hi.dtype)
+        acc = tl.zeros(z.shape, dtype=tl.float32)
+        if SPLIT == 3:
+            mid = r1.to(hi.dtype)
+            acc = _pdot(hb, (r1 - mid.to(tl.float32)).to(hi.dtype), acc, EMU)
+            acc = _pdot(hb, mid, acc, EMU)
+        elif SPLIT == 2:
+            acc = _pdot(hb, r1.to(hi.dtype), acc, EMU)
+        return _pdot(hb, hi, acc, EMU)
 
-    A group's 256 values as a G1 x G1 matrix X (row-major: index i*G1 + j) rotate to H·X·H (H symmetric):
-    stage 1 = X·H as a [rows*G1, G1] @ [G1, G1] dot (bf16 inputs times ±1: exact products, fp32 sums);
-    stage 2 = (X·H)ᵀ·H on the transposed result, fp32-accurate through the 3-way bf16 split (or an fp32
-    dot).  64 flops per element instead of 2*g for the dense g x g product; one HBM read, one write.
-    BLOCK_K = next_pow2(K) (a multiple of g); padded columns are zeros and rotate to zeros.
-    """
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < M
-    cols = tl.arange(0, BLOCK_K)
+
+@triton.jit
+def _kron_load(x_ptr, sign_ptr, rows, rmask, col0, K, stride_xm, stride_xk, BK: tl.constexpr,
+               HAS_SIGNS: tl.constexpr):
+    cols = col0 + tl.arange(0, BK)
     cmask = cols < K
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
     if HAS_SIGNS:
         sg = tl.load(sign_ptr + cols, mask=cmask, other=0.0)
         x = (x.to(tl.float32) * sg[None, :]).to(x.dtype)
-    hr = tl.arange(0, G1)
-    h = tl.load(h_ptr + hr[:, None] * G1 + hr[None, :])
-    R: tl.constexpr = BLOCK_M * BLOCK_K // G1
+    return x, cols, mask
+
+
+@triton.jit
+def _kron_rotate(x, h, sc, unsc, BLOCK_M: tl.constexpr, BK: tl.constexpr, G1: tl.constexpr,
+                 BF16_IN: tl.constexpr, SPLIT: tl.constexpr, BATCHED: tl.constexpr, F16: tl.constexpr,
+                 EMU: tl.constexpr):
+    """blockdiag(H_g) of one [BLOCK_M, BK] piece (BK a multiple of g = G1*G1), fp32 out, times `unsc`
+    ([BLOCK_M, 1]: 1/sqrt(g), divided by the power-of-two pre-scale `sc` when F16)."""
+    R: tl.constexpr = BLOCK_M * BK // G1
+    if F16:   # power-of-two row scale (exact): stage-2 inputs land in fp16's normal range
+        x = (x.to(tl.float32) * sc).to(x.dtype)
     if BF16_IN:
-        z = tl.dot(tl.reshape(x, (R, G1)), h.to(tl.bfloat16), out_dtype=tl.float32)
+        z = _pdot(tl.reshape(x, (R, G1)), h.to(tl.bfloat16), tl.zeros((R, G1), dtype=tl.float32), EMU)
     else:
         z = tl.dot(tl.reshape(x.to(tl.float32), (R, G1)), h.to(tl.float32), input_precision="ieee",
                    out_dtype=tl.float32)
     if BATCHED:   # stage 2 as a batched H·Z (3-D dot): no transposes, the result is already row-major
         z3 = tl.reshape(z, (R // G1, G1, G1))
         hb = tl.broadcast_to(h[None, :, :], (R // G1, G1, G1))
-        y = tl.reshape(_split3_dot_left(hb, z3, SPLIT), (BLOCK_M, BLOCK_K)) * inv_sqrt_g
+        y = tl.reshape(_split3_dot_left(hb, z3, SPLIT, F16, EMU), (BLOCK_M, BK))
     else:
         zt = tl.reshape(tl.permute(tl.reshape(z, (R // G1, G1, G1)), (0, 2, 1)), (R, G1))
-        y = _split3_dot(zt, h, SPLIT)
-        y = tl.reshape(tl.permute(tl.reshape(y, (R // G1, G1, G1)), (0, 2, 1)), (BLOCK_M, BLOCK_K)) * inv_sqrt_g
+        y = _split3_dot(zt, h, SPLIT, F16, EMU)
+        y = tl.reshape(tl.permute(tl.reshape(y, (R // G1, G1, G1)), (0, 2, 1)), (BLOCK_M, BK))
+    return y * unsc
+
+
+@triton.jit
+def _quant_rot_kron_kernel(x_ptr, q_ptr, s_ptr, static_ptr, sign_ptr, h_ptr, M, K, stride_xm, stride_xk,
+                           inv_sqrt_g, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G1: tl.constexpr,
+                           HAS_SIGNS: tl.constexpr, STATIC: tl.constexpr, BF16_IN: tl.constexpr,
+                           SPLIT: tl.constexpr, FAST_DIV: tl.constexpr, BATCHED: tl.constexpr = False,
+                           BK2: tl.constexpr = 0, BK3: tl.constexpr = 0, F16: tl.constexpr = False,
+                           EMU: tl.constexpr = False):
+    """One pass: rotation by blockdiag(H_g), g = G1*G1 and H_g = H_G1 (x) H_G1 (Kronecker; true for the
+    regular and Sylvester families), fused with per-row quantization, the whole row block in registers.
+
+    A group's 256 values as a G1 x G1 matrix X (row-major: index i*G1 + j) rotate to H·X·H (H symmetric):
+    stage 1 = X·H as a [rows*G1, G1] @ [G1, G1] dot (bf16 inputs times ±1: exact products, fp32 sums; one
+    bf16 dot); stage 2 = H·(X·H) (batched) or (X·H)ᵀ·H on the transposed result, fp32-accurate through the
+    3-way bf16 split (SPLIT 3), or cheaper: SPLIT 2 (hi+lo), SPLIT 1 (one bf16 dot), F16 (fp16 pieces: 11
+    bits each, the row pre-scaled by a power of two so |X·H| < 2^15), SPLIT 0 (fp32 dot).
+    The dot M dimension is BLOCK_M*BK/G1 (BK/16 = 256..1024 rows of 16 for one activation row): BLOCK_M=1
+    already feeds full tensor-core tiles.  64 flops per element (x SPLIT in stage 2); one HBM read, one write.
+    Columns: BLOCK_K = next_pow2(K) (padded columns are zeros and rotate to zeros), or with BK2/BK3 > 0
+    as up to three power-of-two pieces BLOCK_K + BK2 + BK3 >= K (5120 -> 4096 + 1024: 37% less padding work).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < M
+    hr = tl.arange(0, G1)
+    h = tl.load(h_ptr + hr[:, None] * G1 + hr[None, :])
+    x1, c1, m1 = _kron_load(x_ptr, sign_ptr, rows, rmask, 0, K, stride_xm, stride_xk, BLOCK_K, HAS_SIGNS)
+    if BK2 > 0:
+        x2, c2, m2 = _kron_load(x_ptr, sign_ptr, rows, rmask, BLOCK_K, K, stride_xm, stride_xk, BK2, HAS_SIGNS)
+    if BK3 > 0:
+        x3, c3, m3 = _kron_load(x_ptr, sign_ptr, rows, rmask, BLOCK_K + BK2, K, stride_xm, stride_xk, BK3,
+                                HAS_SIGNS)
+    if F16:
+        xa = tl.max(tl.abs(x1.to(tl.float32)), axis=1)
+        if BK2 > 0:
+            xa = tl.maximum(xa, tl.max(tl.abs(x2.to(tl.float32)), axis=1))
+        if BK3 > 0:
+            xa = tl.maximum(xa, tl.max(tl.abs(x3.to(tl.float32)), axis=1))
+        # 2^floor(log2(amax)) from the exponent bits; sc = 2^10 / that: amax*sc in [2^10, 2^11), |X·H| < 2^15
+        p2 = (tl.maximum(xa, 1e-30).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        sc = tl.div_rn(tl.full([BLOCK_M], 1024.0, tl.float32), p2)
+        unsc = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32) * inv_sqrt_g, sc)
+    else:
+        sc = tl.full([BLOCK_M], 1.0, tl.float32)
+        unsc = tl.full([BLOCK_M], 1.0, tl.float32) * inv_sqrt_g
+    y1 = _kron_rotate(x1, h, sc[:, None], unsc[:, None], BLOCK_M, BLOCK_K, G1, BF16_IN, SPLIT, BATCHED, F16, EMU)
+    if BK2 > 0:
+        y2 = _kron_rotate(x2, h, sc[:, None], unsc[:, None], BLOCK_M, BK2, G1, BF16_IN, SPLIT, BATCHED, F16, EMU)
+    if BK3 > 0:
+        y3 = _kron_rotate(x3, h, sc[:, None], unsc[:, None], BLOCK_M, BK3, G1, BF16_IN, SPLIT, BATCHED, F16, EMU)
     if STATIC:
         s = tl.load(static_ptr + tl.zeros([BLOCK_M], dtype=tl.int32)).to(tl.float32)
     else:
-        s = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), 1e-30), 127.0)
+        amax = tl.max(tl.abs(y1), axis=1)
+        if BK2 > 0:
+            amax = tl.maximum(amax, tl.max(tl.abs(y2), axis=1))
+        if BK3 > 0:
+            amax = tl.maximum(amax, tl.max(tl.abs(y3), axis=1))
+        s = tl.div_rn(tl.maximum(amax, 1e-30), 127.0)
     r = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), s)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _codes(y, s[:, None], r[:, None], FAST_DIV), mask=mask)
+    q_row = q_ptr + rows[:, None] * K
+    tl.store(q_row + c1[None, :], _codes(y1, s[:, None], r[:, None], FAST_DIV), mask=m1)
+    if BK2 > 0:
+        tl.store(q_row + c2[None, :], _codes(y2, s[:, None], r[:, None], FAST_DIV), mask=m2)
+    if BK3 > 0:
+        tl.store(q_row + c3[None, :], _codes(y3, s[:, None], r[:, None], FAST_DIV), mask=m3)
     tl.store(s_ptr + rows, s, mask=rmask)
 
 
@@ -368,6 +457,7 @@ PLAIN_CONFIGS = {1024: (8, 4, False), 2048: (4, 4, False), 4096: (2, 4, False), 
 KRON_CONFIGS = {256: (8, 4), 512: (4, 4), 1024: (2, 4), 2048: (1, 4), 4096: (1, 8), 8192: (1, 8), 16384: (1, 4)}
 KRON_MAX_K = 16384
 KRON_BATCHED = True    # stage 2 as a batched 3-D dot instead of two transposes (measured faster, all K)
+KRON_PIECES = False    # K as power-of-two pieces (5120 -> 4096 + 1024) instead of next_pow2(K): sweep variant
 # g = G1 * G1 with H_g = H_G1 (x) H_G1 for both families (checked by tests against hadamard_matrix).
 KRON_GROUPS = {256: 16}
 
@@ -417,7 +507,9 @@ def quantize_activation_triton(x: torch.Tensor, rotation_kind: str = "none", gro
 
     `config` (benchmarks, tests) overrides the choice: BLOCK_M, num_warps, FAST_DIV, for the plain path
     PIECES (split K into power-of-two pieces), and for rotations method ("kron" one-pass, or "dense"
-    two-pass), SPLIT (3: bf16x3 tensor-core stage 2, 0: fp32 dot), BATCHED.
+    two-pass), SPLIT (3: bf16x3 tensor-core stage 2, 2: hi+lo, 1: one bf16 dot, 0: fp32 dot), F16 (the
+    split pieces in fp16, row pre-scaled by a power of two), BATCHED, PIECES (K in power-of-two pieces),
+    num_stages.
 
     The kernel and its configuration are decided once per call signature (device, dtype, K, strides,
     rotation, static scale, small M, overrides); later calls launch the compiled kernel directly.
@@ -511,12 +603,23 @@ def _make_plan(x, q, s, static_t, signs, rotation_kind, group_size, block_m, chu
         bm, warps = KRON_CONFIGS.get(kp2, (1, 8))
         bm = cfg.get("BLOCK_M", block_m or bm)
         warps = cfg.get("num_warps", warps)
-        bf16_in = x.dtype == torch.bfloat16 and not dot_f32
-        split = cfg.get("SPLIT", 3 if bf16_in else 0)
+        emu = _interpreting() or x.device.type != "cuda"   # 16-bit dots as exact fp32 dots (see _pdot)
+        bf16_in = x.dtype == torch.bfloat16 and (not dot_f32 or emu)
+        split = cfg.get("SPLIT", 3 if x.dtype == torch.bfloat16 and not dot_f32 else 0)
+        if split not in (0, 1, 2, 3):
+            raise ValueError(f"SPLIT must be 0, 1, 2 or 3, got {split}")
+        if dot_f32 and not emu:
+            split = 0   # no 16-bit tensor cores (pre-Ampere bf16) or fp32 input: fp32 dots throughout
+        pieces = cfg.get("PIECES", KRON_PIECES)
+        bk, bk2, bk3 = k_pieces(k) if pieces else (kp2, 0, 0)
+        opts = dict(num_warps=warps)
+        if "num_stages" in cfg:
+            opts["num_stages"] = cfg["num_stages"]
         launcher = Launcher(_quant_rot_kron_kernel,
-                            dict(BLOCK_M=bm, BLOCK_K=kp2, G1=g1, HAS_SIGNS=has_signs, STATIC=static,
+                            dict(BLOCK_M=bm, BLOCK_K=bk, G1=g1, HAS_SIGNS=has_signs, STATIC=static,
                                  BF16_IN=bf16_in, SPLIT=split, FAST_DIV=fast_div,
-                                 BATCHED=cfg.get("BATCHED", KRON_BATCHED)), dict(num_warps=warps))
+                                 BATCHED=cfg.get("BATCHED", KRON_BATCHED), BK2=bk2, BK3=bk3,
+                                 F16=bool(cfg.get("F16", False)) and split != 0, EMU=emu), opts)
         launcher((triton.cdiv(m, bm), 1, 1), x, q, s, static_t, sg, h1, m, k, x.stride(0), x.stride(1), inv)
         return launcher, bm, layout, h1
     h_dtype = torch.float32 if dot_f32 else x.dtype
