@@ -259,11 +259,7 @@ def rot_variants():
     outside the code tolerance by design (SPLIT 1), measured and reported, never picked as best.  both_k:
     also run at K = 13824 (the rest only at K = 5120, to keep `--sections rot,whole` under 4 minutes)."""
     def kc(bm, w, split, f16=False, pieces=False, batched=True, stages=None):
-        c = dict(method="kron", BLOCK_M=bm, num_warps=w, SPLIT=split, BATCHED=batched)
-        if f16:
-            c["F16"] = True
-        if pieces:
-            c["PIECES"] = True
+        c = dict(method="kron", BLOCK_M=bm, num_warps=w, SPLIT=split, BATCHED=batched, F16=f16, PIECES=pieces)
         if stages is not None:
             c["num_stages"] = stages
         name = (f"kron bm{bm} w{w} {'f16' if f16 else 'bf16'}x{split}{' pieces' if pieces else ''}"
