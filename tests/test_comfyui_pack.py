@@ -357,3 +357,68 @@ def test_example_workflows_match_node_definitions(comfy, name):
         declared = {i["name"] for i in node["inputs"]}
         required_links = {n for n, s in cls.INPUT_TYPES()["required"].items() if (n, s) not in widgets}
         assert required_links <= declared, (node["type"], required_links - declared)
+
+
+def test_comfy_sampler_on_our_loader_matches_stock_bf16(comfy, files):
+    """ComfyUI's own sampling loop (comfy.sample.sample: euler, simple schedule, 3 steps) on the model from our
+    loader node against the stock bf16 load of the same file."""
+    import comfy.sample
+    models, _, _, _ = files
+    ours = _loader_node("tiny_bf16.safetensors")
+    stock = comfy.sd.load_diffusion_model(str(models / "tiny_bf16.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    latent = torch.zeros(1, 16, 2, 16, 16)
+    noise = torch.randn(latent.shape, generator=g)
+    ctx = torch.randn(1, 24, 4096, generator=g)
+    cond = [[ctx, {}]]
+
+    def run(patcher):
+        with torch.inference_mode():
+            return comfy.sample.sample(patcher, noise, 3, 1.0, "euler", "simple", cond, cond, latent,
+                                       denoise=1.0, disable_pbar=True, seed=0).float()
+    a, b = run(ours), run(stock)
+    print(f"ComfyUI sampler, 3 steps: wan-int8 loader vs stock bf16 rel err {_rel(a, b):.3e}")
+    assert a.shape == latent.shape and torch.isfinite(a).all()
+    assert 0 < _rel(a, b) < 0.05
+
+
+def test_torch_compile_wrapper_on_our_model(comfy, files, monkeypatch):
+    """ComfyUI's TorchCompileModel path (set_torch_compile_wrapper, what the node does) compiles our model with
+    inductor; a LoRA strength change afterwards does not recompile (strengths are tensors in the side path)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.wan.model as wan_model
+    import comfy.sample
+    # ComfyUI's CPU default (sub-quadratic attention) asks psutil for free memory inside the forward, a graph
+    # break of its own; the SDPA attention it uses on GPUs keeps the graph whole, so the test uses that.
+    monkeypatch.setattr(wan_model, "optimized_attention", attention.attention_pytorch)
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from wan_int8.comfy.nodes import WanLoRALoaderINT8
+    torch._dynamo.reset()
+    base = _loader_node("tiny_bf16.safetensors")
+    g = torch.Generator().manual_seed(3)
+    latent = torch.zeros(1, 16, 2, 16, 16)
+    noise = torch.randn(latent.shape, generator=g)
+    cond = [[torch.randn(1, 24, 4096, generator=g), {}]]
+
+    def run(patcher):
+        with torch.inference_mode():
+            return comfy.sample.sample(patcher, noise, 2, 1.0, "euler", "simple", cond, cond, latent,
+                                       denoise=1.0, disable_pbar=True, seed=0).float()
+    eager = run(base)
+    compiled = base.clone(disable_dynamic=True)
+    set_torch_compile_wrapper(model=compiled, backend="inductor")
+    from torch._dynamo.utils import counters
+    counters.clear()
+    out = run(compiled)
+    frames = counters["stats"]["unique_graphs"]
+    assert _rel(out, eager) < 1e-2, _rel(out, eager)
+    assert frames >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    node = WanLoRALoaderINT8()
+    with torch.inference_mode():
+        lora_a = node.load_lora(compiled, "tiny_lora.safetensors", 1.0, "disable")[0]
+        lora_b = node.load_lora(compiled, "tiny_lora.safetensors", 0.5, "disable")[0]
+    ya = run(lora_a)
+    graphs_after_first_lora = counters["stats"]["unique_graphs"]
+    yb = run(lora_b)
+    assert _rel(ya, out) > 1e-3 and _rel(yb, ya) > 1e-4     # the LoRA and its strength really act
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_lora   # no recompilation for a new strength
