@@ -67,8 +67,20 @@ def comfy():
         sys.meta_path.insert(0, _StubFinder(missing))
     sys.path.insert(0, COMFYUI_PATH)
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    # CPU by default (CI-like); WAN_INT8_COMFY_DEVICE=cuda runs the same tests on a GPU, and
+    # WAN_INT8_COMFY_DYNAMIC=1 there switches on ComfyUI's dynamic VRAM the way its main.py does.
+    comfy.cli_args.args.cpu = os.environ.get("WAN_INT8_COMFY_DEVICE", "cpu") == "cpu"
+    if os.environ.get("WAN_INT8_COMFY_DYNAMIC") == "1":
+        import comfy_aimdo.control
+        comfy_aimdo.control.init()
     import comfy.model_management
+    if os.environ.get("WAN_INT8_COMFY_DYNAMIC") == "1":
+        import comfy.memory_management
+        import comfy.model_patcher
+        devices = [d.index for d in comfy.model_management.get_all_torch_devices()]
+        assert comfy_aimdo.control.init_devices(devices), "comfy-aimdo could not start dynamic VRAM"
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
     import comfy.sd
     import comfy.utils
     import folder_paths  # noqa: F401
@@ -100,7 +112,10 @@ def files(comfy, tmp_path):
 
 def _inputs():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(1, 16, 2, 16, 16, generator=g), torch.tensor([700.0]), torch.randn(1, 24, 4096, generator=g)
+    import comfy.model_management
+    dev = comfy.model_management.get_torch_device()
+    return (torch.randn(1, 16, 2, 16, 16, generator=g).to(dev), torch.tensor([700.0], device=dev),
+            torch.randn(1, 24, 4096, generator=g).to(dev))
 
 
 def _run(comfy, patcher):
