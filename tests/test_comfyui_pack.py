@@ -177,8 +177,9 @@ def test_cli_native_file_loads_in_stock_comfyui(comfy, files, tmp_path):
     assert isinstance(stock.model.diffusion_model.blocks[0].ffn[0].weight, QuantizedTensor)
     ours = _loader_node("tiny_native.safetensors")
     a, b = _run(comfy, ours), _run(comfy, stock)
-    # same codes and scales: only activation rounding differs (ComfyUI rotates/divides in the input dtype)
-    assert _rel(a, b) < 2e-3, _rel(a, b)
+    # same codes and scales: only activation rounding differs (ComfyUI rotates in the input dtype and divides
+    # by a scale rounded to it): 3.8e-3 on an H100 in bf16, 2e-3 on CPU; the INT8 error itself is ~1.4e-2
+    assert _rel(a, b) < 5e-3, _rel(a, b)
 
 
 class _TestLoraBackend:
@@ -228,6 +229,7 @@ class _Slot:
 
     def apply(self, x, y):
         for (down, up), s in self.pairs:
+            down, up = down.to(x.device), up.to(x.device)
             y = y + s * ((x.float() @ down.t()) @ up.t()).to(y.dtype)
         return y
 
@@ -283,9 +285,12 @@ def test_lora_nodes_per_clone_state_on_real_patchers(comfy, files, which):
     # the side path is linear in the strength up to the blocks' non-linearity: compare directions and sizes
     assert 0.3 < (dh.norm() / d1.norm()).item() < 0.7
     assert 1.4 < (d2.norm() / d1.norm()).item() < 2.6
-    # strength 2 in one stack == two stacked strength-1 nodes: exactly for the fp32 stand-in; the library runs
-    # the side path in the model dtype (bf16 here), so the two stackings round differently at bf16 level
-    assert _rel(ys, y2) < (1e-5 if which == "stand-in" else 5e-3)
+    # strength 2 in one stack == two stacked strength-1 nodes: exactly for the fp32 stand-in on a model that
+    # computes in fp32 (CPU); in bf16 (the library's side path, or any model on a GPU) the two stackings round
+    # differently at bf16 level (3.7e-3 measured on an H100)
+    import comfy.model_management
+    fp32_model = which == "stand-in" and comfy.model_management.get_torch_device().type == "cpu"
+    assert _rel(ys, y2) < (1e-5 if fp32_model else 5e-3)
 
 
 @pytest.mark.parametrize("which", sorted(BACKENDS))
@@ -316,17 +321,20 @@ def test_stock_lora_on_our_layers_and_saver(comfy, files, tmp_path, which):
     assert _rel(y_saved, y_ours) < 0.2 * _rel(y_ours, y0)
     plain = tmp_path / "plain.safetensors"
     save_native(base, str(plain))
-    assert _rel(_run(comfy, _stock(comfy, plain)), y0) < 2e-3
+    # a plain save run by stock ComfyUI: same codes and scales, comfy-kitchen's own activation rounding
+    # (7.3e-3 on an H100 in bf16, below 2e-3 on CPU; the INT8 error itself is ~1.4e-2)
+    assert _rel(_run(comfy, _stock(comfy, plain)), y0) < 1e-2
 
 
 def test_pack_registers_nodes_without_touching_the_gpu(comfy):
     spec = importlib.util.spec_from_file_location(
         "wan_int8_pack", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "__init__.py"))
     pack = importlib.util.module_from_spec(spec)
+    cuda_before = torch.cuda.is_initialized()    # True when earlier GPU tests in this process used CUDA
     spec.loader.exec_module(pack)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"WanVideoINT8Loader", "WanLoRALoaderINT8", "WanLoRALoaderWithCLIPINT8",
                                              "WanLoRAStackINT8", "WanINT8ModelSaver"}
-    assert not torch.cuda.is_initialized()
+    assert torch.cuda.is_initialized() == cuda_before   # importing the pack initialised nothing
 
 
 def _widget_inputs(cls):

@@ -122,10 +122,12 @@ def inference_dtype(sd: Dict[str, torch.Tensor], load_device, comfy) -> torch.dt
 
 
 def load_int8_model(path: str, config: LoadConfig = LoadConfig(), progress=None, inspect: bool = False,
-                    model_options: Optional[dict] = None):
+                    model_options: Optional[dict] = None, disable_dynamic: bool = False):
     """Load any supported checkpoint as a ComfyUI ModelPatcher whose Linears run wan-int8 kernels.
 
-    Returns (patcher, report, inspection).
+    Returns (patcher, report, inspection).  The patcher carries a `cached_patcher_init` factory, as ComfyUI's
+    own loaders set it, so ComfyUI can rebuild it (e.g. the non-dynamic delegate TorchCompileModel asks for
+    under dynamic VRAM).
     """
     import comfy.model_detection
     import comfy.model_management
@@ -138,9 +140,16 @@ def load_int8_model(path: str, config: LoadConfig = LoadConfig(), progress=None,
     options = dict(model_options or {})
     load_device = options.get("load_device", comfy.model_management.get_torch_device())
     options["custom_operations"] = make_int8_ops(inference_dtype(sd, load_device, comfy_ns))
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, metadata=built.metadata)
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, metadata=built.metadata,
+                                                       disable_dynamic=disable_dynamic)
     if patcher is None:
         raise QuantFormatError(f"{path}: ComfyUI does not recognise this model ({report.family}); "
                                f"it cannot be loaded as a diffusion model")
     name_layers(patcher.model.diffusion_model)
+    patcher.cached_patcher_init = (_reload, (path, config, model_options))
     return patcher, report, built.inspection
+
+
+def _reload(path: str, config: LoadConfig, model_options: Optional[dict], disable_dynamic: bool = False):
+    """ComfyUI's `cached_patcher_init` factory: the same load again, returning only the patcher."""
+    return load_int8_model(path, config, model_options=model_options, disable_dynamic=disable_dynamic)[0]
