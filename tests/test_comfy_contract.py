@@ -367,3 +367,22 @@ def test_pack_import_without_comfyui_exposes_no_nodes():
     if importlib.util.find_spec("folder_paths") is None:
         assert pack.NODE_CLASS_MAPPINGS == {}
     assert not torch.cuda.is_initialized()
+
+
+def test_old_comfyui_is_refused_naming_the_minimum_version():
+    import types
+
+    import pytest
+
+    from wan_int8.comfy.ops import MIN_COMFYUI, check_comfy_interfaces
+
+    def cast_bias_weight(s, input=None, dtype=None, device=None, bias_dtype=None):   # pre-offloadable signature
+        return None
+
+    ops = types.ModuleType("comfy.ops")
+    ops.mixed_precision_ops, ops.cast_bias_weight, ops.uncast_bias_weight = object(), cast_bias_weight, object()
+    quant_ops = types.ModuleType("comfy.quant_ops")     # no QuantizedTensor & co.: ComfyUI before native int8
+    with pytest.raises(RuntimeError, match=f">= {MIN_COMFYUI}") as err:
+        check_comfy_interfaces(types.SimpleNamespace(ops=ops, quant_ops=quant_ops, model_patcher=None))
+    text = str(err.value)
+    assert "comfy.quant_ops.QuantizedTensor" in text and "offloadable" in text

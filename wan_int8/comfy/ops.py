@@ -43,12 +43,39 @@ GROUP_LAYOUT = "WanInt8GroupwiseLayout"
 GROUP_FORMAT = "int8_groupwise"   # the comfy_quant name our state dicts (and `wan-int8 quantize`) use
 
 
+MIN_COMFYUI = "0.29.0"
+
+
 def comfy_modules() -> types.SimpleNamespace:
-    """The few ComfyUI modules the ops use (imported lazily, on first load)."""
+    """The few ComfyUI modules the ops use (imported lazily, on first load), checked for what we rely on."""
     import comfy.model_management
+    import comfy.model_patcher
     import comfy.ops
     import comfy.quant_ops
-    return types.SimpleNamespace(ops=comfy.ops, quant_ops=comfy.quant_ops, model_management=comfy.model_management)
+    found = types.SimpleNamespace(ops=comfy.ops, quant_ops=comfy.quant_ops, model_management=comfy.model_management,
+                                  model_patcher=comfy.model_patcher)
+    check_comfy_interfaces(found)
+    return found
+
+
+def check_comfy_interfaces(comfy) -> None:
+    """Fail at load, naming the minimum version, when this ComfyUI lacks an interface the pack uses."""
+    import inspect
+    missing = []
+    for owner, attr in ((comfy.ops, "mixed_precision_ops"), (comfy.ops, "cast_bias_weight"),
+                        (comfy.ops, "uncast_bias_weight"), (comfy.quant_ops, "QuantizedTensor"),
+                        (comfy.quant_ops, "QuantizedLayout"), (comfy.quant_ops, "register_layout_class")):
+        if not hasattr(owner, attr):
+            missing.append(f"{owner.__name__}.{attr}")
+    cast = getattr(comfy.ops, "cast_bias_weight", None)
+    if cast is not None and "offloadable" not in inspect.signature(cast).parameters:
+        missing.append("comfy.ops.cast_bias_weight(offloadable=...)")
+    patcher = getattr(getattr(comfy, "model_patcher", None), "ModelPatcher", None)
+    if patcher is not None and not hasattr(patcher, "set_injections"):
+        missing.append("comfy.model_patcher.ModelPatcher.set_injections")
+    if missing:
+        raise RuntimeError(f"wan-int8 needs ComfyUI >= {MIN_COMFYUI} (with comfy-kitchen); this ComfyUI lacks "
+                           f"{', '.join(missing)}. Update ComfyUI, or run the checkpoint with stock loaders.")
 
 
 # -- our layout for group scales -------------------------------------------------------------------
