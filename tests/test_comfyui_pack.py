@@ -445,3 +445,49 @@ def test_torch_compile_wrapper_on_our_model(comfy, files, monkeypatch):
     yb = run(lora_b)
     assert _rel(ya, out) > 1e-3 and _rel(yb, ya) > 1e-4     # the LoRA and its strength really act
     assert counters["stats"]["unique_graphs"] == graphs_after_first_lora   # no recompilation for a new strength
+
+
+class _FakeClip:
+    """The parts of ComfyUI's CLIP that its LoRA path touches: cond_stage_model.state_dict(), clone(),
+    add_patches(). A single Qwen3-style text encoder, as Z-Image uses."""
+
+    KEYS = ("qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight",
+            "qwen3_4b.transformer.model.layers.0.mlp.down_proj.weight")
+
+    def __init__(self, patches=None):
+        self.patches = dict(patches or {})
+
+        class _Model(torch.nn.Module):
+            def state_dict(self, *a, **k):
+                return {key: torch.zeros(8, 8) for key in _FakeClip.KEYS}
+        self.cond_stage_model = _Model()
+
+    def clone(self):
+        return _FakeClip(self.patches)
+
+    def add_patches(self, patches, strength):
+        for key in patches:
+            if key in self.KEYS:
+                self.patches[key] = strength
+        return [key for key in patches if key in self.KEYS]
+
+
+def test_clip_variant_patches_the_text_encoder_through_comfyui(comfy, files):
+    """WanLoRALoaderWithCLIPINT8 hands the LoRA's text-encoder keys to ComfyUI's own CLIP LoRA code (the seed
+    passed CLIP through untouched) and the diffusion-model keys to our side path."""
+    from wan_int8.comfy.lora import stack_of
+    from wan_int8.comfy.nodes import WanLoRALoaderWithCLIPINT8
+    from wan_int8.formats.safetensors_io import save_tensors
+    _, loras, _, lora = files
+    g = torch.Generator().manual_seed(5)
+    te = {"lora_te_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(4, 8, generator=g),
+          "lora_te_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(8, 4, generator=g)}
+    save_tensors(str(loras / "with_te.safetensors"), {**lora, **te})
+    base = _loader_node("tiny_bf16.safetensors")
+    clip = _FakeClip()
+    with torch.inference_mode():
+        model, new_clip = WanLoRALoaderWithCLIPINT8().load_lora(base, "with_te.safetensors", 1.0, 0.7, "disable",
+                                                                 clip=clip)
+    assert new_clip is not clip and clip.patches == {}
+    assert new_clip.patches == {_FakeClip.KEYS[0]: 0.7}
+    assert stack_of(model) is not None and stack_of(base) is None
