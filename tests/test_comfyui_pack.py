@@ -491,3 +491,29 @@ def test_clip_variant_patches_the_text_encoder_through_comfyui(comfy, files):
     assert new_clip is not clip and clip.patches == {}
     assert new_clip.patches == {_FakeClip.KEYS[0]: 0.7}
     assert stack_of(model) is not None and stack_of(base) is None
+
+
+def test_lowvram_partial_load_on_gpu(comfy, files):
+    """The legacy patcher's lowvram mode: only part of the model resident, the rest cast to the GPU per forward
+    through cast_bias_weight(offloadable=True); the outputs equal the fully loaded model's."""
+    import comfy.model_management
+    import comfy.model_patcher
+    device = comfy.model_management.get_torch_device()
+    if device.type != "cuda":
+        pytest.skip("partial loading moves weights between CPU and GPU: run with WAN_INT8_COMFY_DEVICE=cuda")
+    if comfy.model_patcher.CoreModelPatcher is not comfy.model_patcher.ModelPatcher:
+        pytest.skip("dynamic VRAM pages every module already (covered by the other tests in that mode)")
+    full = _loader_node("tiny_bf16.safetensors")
+    y_full = _run(comfy, full)
+    part = _loader_node("tiny_bf16.safetensors")
+    budget = part.model_size() // 3
+    with torch.inference_mode():
+        part.patch_model(device_to=device, lowvram_model_memory=budget)
+        x, t, ctx = _inputs()
+        y_part = part.model.apply_model(x, t, c_crossattn=ctx).float()
+    offloaded = [n for n, m in part.model.diffusion_model.named_modules()
+                 if getattr(m, "comfy_cast_weights", False) and getattr(m, "wan_int8_name", None) is not None]
+    assert offloaded, "nothing was left on the CPU: the budget did not force a partial load"
+    assert any(getattr(m, "weight", None) is not None and m.weight.device.type == "cpu"
+               for n, m in part.model.diffusion_model.named_modules() if n in offloaded)
+    assert _rel(y_part, y_full) < 1e-3, _rel(y_part, y_full)
