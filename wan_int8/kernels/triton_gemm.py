@@ -89,6 +89,23 @@ def _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn,
 
 
 @triton.jit
+def _dequant_tile(acc, acc_f, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MODE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The oracle's epilogue order in fp32: acc * s_w (tensor or row; group scales were folded into acc_f in the
+    K loop), then * s_x[m], then + bias."""
+    if SW_MODE == 2:
+        y = acc_f
+    elif SW_MODE == 1:
+        y = acc.to(tl.float32) * tl.load(sw_ptr + offs_bn)[None, :]
+    else:
+        y = acc.to(tl.float32) * tl.load(sw_ptr + tl.zeros([BLOCK_N], dtype=tl.int32))[None, :]
+    y = y * tl.load(sx_ptr + offs_am)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
                       t_ptr, lb_ptr, R, stride_tm, stride_lbn,
@@ -156,14 +173,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
     if SW_MODE == 2:
         if FOLD == 2 and GROUP_K == BLOCK_K:
             acc_f = _fold(acc_f, acc, sw_prev, 1)
-        y = acc_f
-    elif SW_MODE == 1:
-        y = acc.to(tl.float32) * tl.load(sw_ptr + offs_bn)[None, :]
+        y = _dequant_tile(acc, acc_f, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MODE, HAS_BIAS, BLOCK_N)
     else:
-        y = acc.to(tl.float32) * tl.load(sw_ptr + tl.zeros([BLOCK_N], dtype=tl.int32))[None, :]
-    y = y * tl.load(sx_ptr + offs_am)[:, None]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+        y = _dequant_tile(acc, acc, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MODE, HAS_BIAS, BLOCK_N)
     if HAS_LORA:
         y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R, LORA_F32)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -251,14 +263,9 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
             else:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         if SW_MODE == 2:
-            y = acc_f
-        elif SW_MODE == 1:
-            y = acc.to(tl.float32) * tl.load(sw_ptr + offs_bn)[None, :]
+            y = _dequant_tile(acc, acc_f, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MODE, HAS_BIAS, BLOCK_N)
         else:
-            y = acc.to(tl.float32) * tl.load(sw_ptr + tl.zeros([BLOCK_N], dtype=tl.int32))[None, :]
-        y = y * tl.load(sx_ptr + offs_am)[:, None]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_bn).to(tl.float32)[None, :]
+            y = _dequant_tile(acc, acc, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MODE, HAS_BIAS, BLOCK_N)
         if HAS_LORA and LORA_TMA:
             for r0 in tl.static_range(0, R_PAD, R_CHUNK):
                 lt = t_desc.load([off_m, r0])
