@@ -314,6 +314,15 @@ def _record(nonfinite: List[dict], label: str, watch: NonFiniteWatch, out: torch
 
 # -- the two sources ----------------------------------------------------------------------------------------
 
+def _selector(names, budget, threshold):
+    """The "select" candidate: choose per layer on the reference run's captured inputs, then apply the plan."""
+    def select(base, captures):
+        plan = select_layers(base, captures, names, budget, threshold)
+        apply_plan(base, plan)
+        return base, plan
+    return select
+
+
 def tiny_accuracy(seed: int = 0, layers: int = 2, steps: int = 4, frames: int = 5, height: int = 64, width: int = 64,
                   dtype: torch.dtype = torch.float32, candidates: Sequence[str] = TINY_CANDIDATES,
                   budget: Budget = Budget(max_fraction=0.1), threshold: float = DEFAULT_THRESHOLD,
@@ -335,12 +344,7 @@ def tiny_accuracy(seed: int = 0, layers: int = 2, steps: int = 4, frames: int = 
     for kind in candidates:
         if kind != "select" and not ref_broken:
             static[kind] = quantized_copy(reference, kind)
-    select = None
-    if "select" in candidates:
-        def select(base, captures):
-            plan = select_layers(base, captures, names, budget, threshold)
-            apply_plan(base, plan)
-            return base, plan
+    select = _selector(names, budget, threshold) if "select" in candidates else None
     header = {"source": "tiny", "model": f"tiny Wan (dim {cfg.dim}, ffn {cfg.ffn_dim}, {cfg.num_layers} blocks, "
                                          f"outlier channels x20)",
               "reference": f"bf16 weights run in {_dtype_name(dtype)}", "seed": seed, "steps": steps,
@@ -376,12 +380,7 @@ def file_accuracy(float_path: str, int8_path: str, steps: int = 4, seed: int = 0
     for kind in extra:
         if kind != "select" and kind != FILE_CANDIDATE and not bad:
             static[kind] = quantized_copy(reference, kind)
-    select = None
-    if "select" in extra:
-        def select(base, captures):
-            plan = select_layers(base, captures, names, budget, threshold)
-            apply_plan(base, plan)
-            return base, plan
+    select = _selector(names, budget, threshold) if "select" in extra else None
     inputs = seeded_inputs(reference.config, seed, frames, height, width, device=device, dtype=dtype)
     header = {"source": "files", "model": f"{ref_report.family} ({float_path})", "int8_file": int8_path,
               "int8_verdict": report.verdict(), "reference": f"{float_path} in {_dtype_name(dtype)}",

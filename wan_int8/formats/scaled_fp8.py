@@ -23,6 +23,7 @@ from ..quant.types import Int8Weight
 from .base import Checkpoint, LayerSource, TensorSource, passthrough
 from .int8_keys import find_one
 from .safetensors_io import CheckpointError, SafetensorsFile
+from .scales import is_scalar_or_row
 
 NAME = "scaled-fp8"
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -78,10 +79,7 @@ def _fp8_layer(f: SafetensorsFile, name: str, wkey: str, skey: Optional[str], in
     n, k = info.shape
     if skey is not None:
         sshape = f.info(skey).shape
-        numel = 1
-        for d in sshape:
-            numel *= d
-        if numel != 1 and sshape not in ((n,), (n, 1)):
+        if not is_scalar_or_row(sshape, n):
             raise CheckpointError(f"{f.path}: {skey} has shape {list(sshape)}; an fp8 weight scale must be a scalar "
                                   f"or one per output row [{n}]")
 

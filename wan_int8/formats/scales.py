@@ -53,6 +53,14 @@ def _check_group(g: int, where: str, shape) -> None:
         raise QuantFormatError(f"{where}: scale {list(shape)} implies a group of {g} channels; groups must be a multiple of 16")
 
 
+def is_scalar_or_row(shape: Tuple[int, ...], n: int) -> bool:
+    """True for a scale of one value (any shape of numel 1) or one per row ([n] or [n, 1])."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel == 1 or tuple(shape) in ((n,), (n, 1))
+
+
 def canonical_scale(scale: torch.Tensor, n: int, k: int, where: str, group_hint: Optional[int] = None) -> torch.Tensor:
     """The canonical fp32 scale: `[]`, `[N]` or `[N, K/g]` (see the module table)."""
     if not scale.is_floating_point():

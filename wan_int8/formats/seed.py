@@ -39,6 +39,7 @@ from ..quant.types import Int8Weight, Rotation
 from .base import Checkpoint, LayerSource, passthrough
 from .int8_keys import INPUT_SCALE_SUFFIXES, WEIGHT_SCALE_SUFFIXES, find_one, int8_layer_names, plain_int8_layer
 from .safetensors_io import CheckpointError, SafetensorsFile
+from .scales import is_scalar_or_row
 
 NAME = "seed"
 HADAMARD_SUFFIXES = ("hadamard_quip", "hadamard_size_in", "hadamard_size_out", "sign_row", "sign_col")
@@ -199,10 +200,7 @@ def hadamard_quip_layer(f: SafetensorsFile, name: str, p: str, feature_sizes: Se
     if skey is None:
         raise CheckpointError(f"{f.path}: Hadamard-QuIP tensor {wkey} has no weight scale")
     sshape = f.info(skey).shape
-    snum = 1
-    for d in sshape:
-        snum *= d
-    if snum != 1 and sshape not in ((rows,), (rows, 1)):
+    if not is_scalar_or_row(sshape, rows):
         raise CheckpointError(f"{f.path}: {skey} has shape {list(sshape)}; a Hadamard-QuIP scale is one per "
                               f"transformed row [{rows}] / [{rows}, 1] or a scalar")
     out_f, out_from = (_original_size(f, p, "out", rows, f"{p}.bias", feature_sizes) if sizes["out"]
