@@ -228,9 +228,10 @@ class RecordingBackend:
         self.loads.append(path)
         return path
 
-    def install(self, model, stack):
+    def install(self, model, stack, offload=False):
         entry = tuple(stack)
         self.installed.append(entry)
+        self.offload = offload
         model.current = entry
 
         def remove():
@@ -329,8 +330,13 @@ def test_lora_nodes_plumbing(fake_folder_paths, tmp_path):
     m = WanLoRAStackINT8().apply(base, backend=backend, lora_1="a.safetensors", strength_1=0.7,
                                  lora_2="b.safetensors", strength_2=0.3, enabled_2=False,
                                  lora_3="None", strength_3=1.0)[0]
-    m.load([])
+    loaded = []
+    m.load(loaded)
     assert base.model.diffusion_model.current == ((str(tmp_path / "a.safetensors"), 0.7),)
+    assert backend.offload is False
+    off = WanLoRALoaderINT8().load_lora(base, "b.safetensors", 1.0, "enable", backend=backend)[0]
+    off.load(loaded)
+    assert backend.offload is True      # the node's offload_to_cpu reaches the LoRA runtime
 
 
 def test_state_dict_is_native_and_streamed(tmp_path):

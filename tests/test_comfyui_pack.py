@@ -199,7 +199,7 @@ class _TestLoraBackend:
                 out[layer] = (v.float(), sd[k.replace("lora_down", "lora_up")].float())
         return out
 
-    def install(self, model, stack):
+    def install(self, model, stack, offload=False):
         touched = []
         for layer in {name for parsed, _ in stack for name in parsed}:
             pairs = [(parsed[layer], s) for parsed, s in stack if layer in parsed]
@@ -245,7 +245,7 @@ class _Counting:
         self.loads += 1
         return self.inner.load(path)
 
-    def install(self, model, stack):
+    def install(self, model, stack, offload=False):
         return self.inner.install(model, stack)
 
     def bake(self, name, weight, stack):

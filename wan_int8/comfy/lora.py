@@ -40,8 +40,10 @@ class LoraBackend(Protocol):
     def load(self, path: str) -> Any:
         """Parse a LoRA file (any supported naming) into the library's adapter object."""
 
-    def install(self, model: torch.nn.Module, stack: Sequence[Tuple[Any, float]]) -> Callable[[], None]:
-        """Put one stacked adapter per affected layer into the layers' `lora` slots; return the remover."""
+    def install(self, model: torch.nn.Module, stack: Sequence[Tuple[Any, float]],
+                offload: bool = False) -> Callable[[], None]:
+        """Put one stacked adapter per affected layer into the layers' `lora` slots (their tensors kept on the
+        CPU and prefetched per layer when `offload`); return the remover."""
 
     def bake(self, name: str, weight: Int8Weight, stack: Sequence[Tuple[Any, float]]) -> Int8Weight:
         """The layer's INT8 weight with the stack merged in (the same object when no LoRA touches it)."""
@@ -57,8 +59,8 @@ class LibraryBackend:
     def load(self, path: str):
         return self.lib.load_lora(path)
 
-    def install(self, model, stack):
-        self.lib.apply_loras(model, list(stack))
+    def install(self, model, stack, offload=False):
+        self.lib.apply_loras(model, list(stack), offload_to_cpu=offload)
         return lambda: self.lib.remove_loras(model)
 
     def bake(self, name, weight, stack):
@@ -83,6 +85,7 @@ class LoraSpec:
     path: str
     strength: float
     name: str = ""
+    offload: bool = False      # the node's offload_to_cpu: LoRA tensors on the CPU, prefetched per layer
 
 
 class ParsedCache:
@@ -136,7 +139,8 @@ class LoraStack:
         _remove(target)
         active = self.active()
         if active:
-            remover = self.backend.install(target, active)
+            offload = any(spec.offload for spec, _ in self.entries if spec.strength != 0)
+            remover = self.backend.install(target, active, offload=offload)
             setattr(target, _INSTALLED, (self, remover))
 
     def eject(self, patcher) -> None:

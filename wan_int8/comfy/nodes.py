@@ -108,7 +108,8 @@ class WanLoRALoaderINT8:
             "lora_name": (folder_paths.get_filename_list("loras"),),
             "strength": ("FLOAT", dict(STRENGTH)),
             "offload_to_cpu": (ON_OFF, {"default": "disable",
-                                        "tooltip": "kept for saved workflows; LoRA weights follow the model"}),
+                                        "tooltip": "keep this LoRA's weights on the CPU (pinned), prefetched to the "
+                                                   "GPU one layer ahead"}),
         }, "optional": {"debug": ("BOOLEAN", {"default": False})}}
 
     RETURN_TYPES = ("MODEL",)
@@ -120,7 +121,8 @@ class WanLoRALoaderINT8:
         from .lora import LoraSpec, add_loras
         if strength == 0:
             return (model,)
-        return (add_loras(model, [LoraSpec(_lora_path(lora_name), float(strength), lora_name)], backend),)
+        spec = LoraSpec(_lora_path(lora_name), float(strength), lora_name, offload_to_cpu == "enable")
+        return (add_loras(model, [spec], backend),)
 
 
 def _text_encoder_part(lora_sd: dict) -> dict:
@@ -150,7 +152,8 @@ class WanLoRALoaderWithCLIPINT8:
         from .lora import LoraSpec, add_loras
         path = _lora_path(lora_name)
         if strength_model != 0:
-            model = add_loras(model, [LoraSpec(path, float(strength_model), lora_name)], backend)
+            model = add_loras(model, [LoraSpec(path, float(strength_model), lora_name, offload_to_cpu == "enable")],
+                              backend)
         if clip is not None and strength_clip != 0:
             import comfy.sd
             import comfy.utils
