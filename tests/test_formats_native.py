@@ -111,7 +111,8 @@ def test_convrot_matches_comfyui_math_written_here(tmp_path):
                               torch.tensor([[1., 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])),
                    torch.tensor([[1., 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])).double() / 16
     assert torch.equal(h, hadamard_matrix("regular", 256, torch.float64))
-    x = torch.randn(5, 256, dtype=torch.float64)
+    # fixed inputs: a per-token code can flip at an exact fp32-vs-float64 rounding tie, which would swamp 1e-5
+    x = torch.randn(5, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     xr = x @ h
     s = xr.abs().amax(1, keepdim=True) / 127
     xq = torch.round(xr / s).clamp(-127, 127) * s
