@@ -517,3 +517,12 @@ def test_lowvram_partial_load_on_gpu(comfy, files):
     assert any(getattr(m, "weight", None) is not None and m.weight.device.type == "cpu"
                for n, m in part.model.diffusion_model.named_modules() if n in offloaded)
     assert _rel(y_part, y_full) < 1e-3, _rel(y_part, y_full)
+
+
+def test_lora_node_debug_logs_the_match_report(comfy, files, caplog):
+    from wan_int8.comfy.nodes import WanLoRALoaderINT8
+    base = _loader_node("tiny_bf16.safetensors")
+    with caplog.at_level("INFO", logger="wan_int8.comfy"), torch.inference_mode():
+        WanLoRALoaderINT8().load_lora(base, "tiny_lora.safetensors", 1.0, "disable", debug=True)
+    lines = [r.getMessage() for r in caplog.records if "tiny_lora.safetensors" in r.getMessage()]
+    assert lines and "applied to 3 layers" in lines[0]      # the three targeted layers are reported

@@ -100,6 +100,15 @@ def _lora_path(name):
     return folder_paths.get_full_path_or_raise("loras", name)
 
 
+def _log_match_report(patcher, path: str, strength: float) -> None:
+    """The LoRA nodes' debug input: which layers this LoRA hits on this model, what it misses and why."""
+    from ..lora import load_lora, match_lora
+    from ..lora.keys import ModelTargets
+    model = getattr(patcher.model, "diffusion_model", patcher.model)
+    report = match_lora(load_lora(path), ModelTargets.from_model(model), strength).report
+    log.info("wan-int8 LoRA %s: %s", os.path.basename(path), report.summary())
+
+
 class WanLoRALoaderINT8:
     @classmethod
     def INPUT_TYPES(cls):
@@ -122,6 +131,8 @@ class WanLoRALoaderINT8:
         if strength == 0:
             return (model,)
         spec = LoraSpec(_lora_path(lora_name), float(strength), lora_name, offload_to_cpu == "enable")
+        if debug:
+            _log_match_report(model, spec.path, spec.strength)
         return (add_loras(model, [spec], backend),)
 
 
@@ -152,6 +163,8 @@ class WanLoRALoaderWithCLIPINT8:
         from .lora import LoraSpec, add_loras
         path = _lora_path(lora_name)
         if strength_model != 0:
+            if debug:
+                _log_match_report(model, path, float(strength_model))
             model = add_loras(model, [LoraSpec(path, float(strength_model), lora_name, offload_to_cpu == "enable")],
                               backend)
         if clip is not None and strength_clip != 0:
