@@ -110,3 +110,31 @@ def test_conversion_streams_one_layer_at_a_time(tiny_files, tmp_path):
     gots = [i for i, e in enumerate(events) if e[0] == "got"]
     assert len(builds) == len(gots) == len(events) // 2
     assert all(b == g - 1 for b, g in zip(builds, gots))  # build, hand over, build, hand over ...
+
+
+def test_inspect_reports_bad_scales_and_nonfinite_tensors(tmp_path, capsys, monkeypatch):
+    import wan_int8.cli as cli
+    sd = build_tiny_wan_state_dict(seed=1)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks.0.") and k.endswith(".weight") and v.dim() == 2 and "norm" not in k:
+            q = quantize_weight(v)
+            out[k], out[k[:-len("weight")] + "weight_scale"] = q.qdata, q.scale[:, None].clone()
+        else:
+            out[k] = v.float()
+    out["blocks.0.ffn.0.weight_scale"][3] = 0.0
+    out["blocks.0.self_attn.q.weight_scale"][5] = float("nan")
+    out["blocks.1.norm3.weight"][0] = float("inf")                 # a small float tensor: always scanned
+    out["blocks.1.ffn.2.weight"][0, 0] = float("nan")              # a weight: scanned when small or with --deep
+    path = str(tmp_path / "bad.safetensors")
+    save_tensors(path, out)
+    monkeypatch.setattr(cli, "SMALL_TENSOR", 1000)                  # so the test's weights count as "big"
+    assert main(["inspect", path, "--json"]) == 0
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert any("blocks.0.ffn.0: 1 zero weight scale" in p for p in problems)
+    assert any("blocks.0.self_attn.q" in p and "NaN" in p for p in problems)
+    assert any("blocks.1.norm3.weight" in p for p in problems)
+    assert not any("blocks.1.ffn.2.weight" in p for p in problems)
+    assert main(["inspect", path, "--json", "--deep"]) == 0
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert any("blocks.1.ffn.2.weight: contains NaN/Inf" in p for p in problems)

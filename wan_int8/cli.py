@@ -40,8 +40,17 @@ def _load_config(args, quantize_float=True):
 
 # -- inspect --------------------------------------------------------------------------------------
 
-def inspect_checkpoint(path: str, family: Optional[str] = None, scan: bool = True) -> dict:
-    """Everything `inspect` prints, as a dict: verdict, per-layer kinds, loaders, problems."""
+SCALE_SUFFIXES = ("weight_scale", "scale_weight", "scale", "weight.scale", "weight.weight_scale")
+SMALL_TENSOR = 1 << 24   # float tensors up to this many elements are scanned by default (norms, biases, ...)
+
+
+def inspect_checkpoint(path: str, family: Optional[str] = None, scan: bool = True, deep: bool = False) -> dict:
+    """Everything `inspect` prints, as a dict: verdict, per-layer kinds, loaders, problems.
+
+    The default scan reads only what is small: every INT8 layer's scale tensor and the float tensors up to 16M
+    elements, so a 28 GB checkpoint is inspected in seconds.  `deep` also builds every layer (conversions
+    included) and reads every float weight.
+    """
     import torch
     from .formats import open_checkpoint
     from .formats.comfy_native import native_loaders
@@ -52,20 +61,28 @@ def inspect_checkpoint(path: str, family: Optional[str] = None, scan: bool = Tru
         problems: List[str] = []
         if scan:
             for name, layer in ckpt.layers.items():
-                try:
-                    w = layer.load()
-                except ValueError as exc:
-                    problems.append(str(exc))
-                    continue
-                s = w.scale
-                zeros = int((s == 0).sum())
-                if zeros:
-                    problems.append(f"{name}: {zeros} zero weight scale(s): those output channels are always 0")
                 if layer.in_features % 16 or layer.out_features % 16:
                     problems.append(f"{name}: [{layer.out_features}, {layer.in_features}] is not a multiple of 16: "
                                     f"runs on a slower path")
+                scales = [k for k in layer.source_keys if k.endswith(SCALE_SUFFIXES) and ckpt.file is not None
+                          and k in ckpt.file]
+                try:
+                    values = [layer.load().scale] if deep else [ckpt.file.get(k).float() for k in scales]
+                except ValueError as exc:
+                    problems.append(str(exc))
+                    continue
+                for s in values:
+                    if not bool(torch.isfinite(s).all()):
+                        problems.append(f"{name}: weight scale contains NaN/Inf")
+                    zeros = int((s == 0).sum())
+                    if zeros:
+                        problems.append(f"{name}: {zeros} zero weight scale(s): those output channels are always 0")
             for key, t in ckpt.tensors.items():
-                if t.dtype.is_floating_point and len(t.shape) and t.dtype != torch.float64:
+                numel = 1
+                for d in t.shape:
+                    numel *= d
+                if t.dtype.is_floating_point and len(t.shape) and t.dtype != torch.float64 \
+                        and (deep or numel <= SMALL_TENSOR):
                     v = t.build()
                     if not bool(torch.isfinite(v).all()):
                         problems.append(f"{key}: contains NaN/Inf")
@@ -92,7 +109,7 @@ def inspect_checkpoint(path: str, family: Optional[str] = None, scan: bool = Tru
 
 
 def cmd_inspect(args) -> int:
-    info = inspect_checkpoint(args.file, args.family)
+    info = inspect_checkpoint(args.file, args.family, deep=args.deep)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -221,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="one JSON object (format, family, per-layer kinds)")
     s.add_argument("--family", default=None, help="model family (default: detect)")
+    s.add_argument("--deep", action="store_true", help="also build every layer and read every float weight (slow "
+                                                       "on big files)")
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("quantize", help="convert any supported checkpoint to ComfyUI-native INT8")
