@@ -192,22 +192,29 @@ class KernelRegistry:
         self._save_choices(settings)
         return best
 
-    def _measure(self, candidates: List[Backend], call: LinearCall, key: str, repeats: int = 5) -> Backend:
-        """Run each candidate twice untimed (compilation, autotuning, allocator warm-up), then time `repeats`
-        runs one by one; keep the lowest median.  A lower-priority backend must be clearly (>5%) faster to win:
-        the first H100/H200 runs showed single noisy timings handing shapes to the slower backend."""
+    def _measure(self, candidates: List[Backend], call: LinearCall, key: str, rounds: int = 5) -> Backend:
+        """Run each candidate twice untimed (compilation, autotuning, allocator warm-up), then time `rounds`
+        rounds of back-to-back runs (10 per round for calls under a millisecond, so launch latency and the
+        synchronisation do not decide small shapes); keep the lowest median.  A lower-priority backend must be
+        clearly (>5%) faster to win: single noisy timings handed shapes to the slower backend on an H100/H200."""
         times = {}
         for backend in candidates:
             try:
                 for _ in range(2):
                     backend.run(call)
+                _sync(call.x)
+                start = time.perf_counter()
+                backend.run(call)
+                _sync(call.x)
+                inner = 10 if time.perf_counter() - start < 1e-3 else 1
                 samples = []
-                for _ in range(repeats):
+                for _ in range(rounds):
                     _sync(call.x)
                     start = time.perf_counter()
-                    backend.run(call)
+                    for _ in range(inner):
+                        backend.run(call)
                     _sync(call.x)
-                    samples.append(time.perf_counter() - start)
+                    samples.append((time.perf_counter() - start) / inner)
                 times[backend.name] = sorted(samples)[len(samples) // 2]
             except Exception as exc:  # a candidate that cannot run this shape is not chosen; say why, once
                 self._warn_once(call, backend.name, f"failed while being measured: {type(exc).__name__}: {exc}"[:300])
