@@ -92,7 +92,7 @@ def inspect_checkpoint(path: str, family: Optional[str] = None, scan: bool = Tru
                             "granularity": plan.granularity or None,
                             "group_size": plan.group_size if plan.granularity == "group" else None,
                             "rotation": plan.rotation or None, "note": plan.note or None}
-        quantized = [p for p in report.layers.values() if p.action != "float"]
+        quantized = report.int8_layers()
         if ckpt.format == "float":
             loaders = "wan-int8 (quantizes at load); stock ComfyUI runs it in bf16/fp8"
         elif all(p.action == "file" for p in quantized) and ckpt.format == "comfy-native" and not report.count("quantize"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -211,5 +211,3 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     return w.detach().to(torch.float64)
 
 
-def iter_int8_layers(model: nn.Module) -> Iterable[Tuple[str, Int8Linear]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear))

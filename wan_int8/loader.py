@@ -73,18 +73,19 @@ class LoadReport:
     weight_bytes: int = 0
     errors: Dict[str, float] = dataclasses.field(default_factory=dict)   # per-layer weight rel error (quantized now)
 
+    def int8_layers(self) -> List[LayerPlan]:
+        """The layers that run as INT8 (from the file or quantized at load)."""
+        return [p for p in self.layers.values() if p.action != "float"]
+
     def count(self, action: str) -> int:
         return sum(p.action == action for p in self.layers.values())
 
     def scale_kinds(self) -> Dict[str, int]:
-        c = collections.Counter()
-        for p in self.layers.values():
-            if p.action != "float":
-                c[p.granularity if p.granularity != "group" else f"group{p.group_size}"] += 1
-        return dict(c)
+        return dict(collections.Counter(p.granularity if p.granularity != "group" else f"group{p.group_size}"
+                                        for p in self.int8_layers()))
 
     def rotations(self) -> Dict[str, int]:
-        return dict(collections.Counter(p.rotation for p in self.layers.values() if p.action != "float" and p.rotation))
+        return dict(collections.Counter(p.rotation for p in self.int8_layers() if p.rotation))
 
     def verdict(self) -> str:
         scales = ", ".join(f"{k} {v}" for k, v in sorted(self.scale_kinds().items())) or "none"
@@ -328,7 +329,7 @@ def write_native(source: Union[str, Checkpoint], out_path: str, config: LoadConf
                    if e.key.endswith(".comfy_quant") else e for e in entries]
         metadata = {k: v for k, v in ckpt.metadata.items() if k != "_quantization_metadata"}
         metadata["wan_int8"] = json.dumps({"version": _version(), "source_format": ckpt.format,
-                                           "loaders": native_loaders(report_layers_for_loaders(report))})
+                                           "loaders": native_loaders(report.int8_layers())})
         order = {e.key: i for i, e in enumerate(entries)}
         pending: Dict[str, torch.Tensor] = {}  # holds at most one layer: entries follow iter_prepared's order
         with StreamingWriter(out_path, entries, metadata) as writer:
@@ -359,10 +360,6 @@ def write_native(source: Union[str, Checkpoint], out_path: str, config: LoadConf
         if isinstance(source, str):
             ckpt.close()
     return report
-
-
-def report_layers_for_loaders(report: LoadReport):
-    return [p for p in report.layers.values() if p.action != "float"]
 
 
 def _version() -> str:

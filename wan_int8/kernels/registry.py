@@ -372,5 +372,3 @@ def reset_kernel_stats(registry: KernelRegistry = REGISTRY) -> None:
     registry.reset()
 
 
-def current_settings() -> Settings:
-    return get_settings()
