@@ -88,6 +88,17 @@ class Checkpoint:
         self.close()
 
 
+def unprefixed(key: str, prefix: str) -> str:
+    """`key` without the checkpoint-wide model prefix (see `strip_prefix`)."""
+    return key[len(prefix):] if prefix and key.startswith(prefix) else key
+
+
+def passthrough_rest(f: SafetensorsFile, prefix: str, used=frozenset()) -> Dict[str, TensorSource]:
+    """Every tensor of the file not in `used`, as is, under its prefix-free name."""
+    return {unprefixed(key, prefix): passthrough(f, key, unprefixed(key, prefix)) for key in f.keys()
+            if key not in used}
+
+
 def read_tensor(f: SafetensorsFile, key: str) -> Callable[[], torch.Tensor]:
     return lambda: f.get(key)
 

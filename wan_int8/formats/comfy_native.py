@@ -21,7 +21,8 @@ import torch
 
 from ..quant.int8 import quantize_weight
 from ..quant.types import Int8Weight, QuantFormatError, Rotation
-from .base import Checkpoint, LayerSource, decode_json_tensor, encode_json_tensor, passthrough
+from .base import (Checkpoint, LayerSource, decode_json_tensor, encode_json_tensor, passthrough_rest,
+                   unprefixed)
 from .safetensors_io import CheckpointError, SafetensorsFile
 from .scales import canonical_scale, check_scale_values, scale_kind
 
@@ -52,16 +53,12 @@ def layer_configs(f: SafetensorsFile, prefix: str) -> Dict[str, dict]:
         for name, conf in layers.items():
             if not isinstance(conf, dict):
                 raise CheckpointError(f"{f.path}: _quantization_metadata entry for {name!r} is not an object")
-            configs[_strip(name, prefix)] = conf
+            configs[unprefixed(name, prefix)] = conf
     for key in f.keys():
         if key.endswith(".comfy_quant"):
-            name = _strip(key[: -len(".comfy_quant")], prefix)
+            name = unprefixed(key[: -len(".comfy_quant")], prefix)
             configs[name] = decode_json_tensor(f.get(key), f"{f.path}: {key}")
     return configs
-
-
-def _strip(name: str, prefix: str) -> str:
-    return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
 def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
@@ -99,12 +96,8 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
         if conf.get("full_precision_matrix_mult"):
             warnings.append(f"layer {name}: full_precision_matrix_mult is set; wan-int8 runs it as W8A8 anyway")
         used |= own
-    tensors = {}
-    for key in f.keys():
-        if key in used or key.endswith(".comfy_quant"):
-            continue
-        out = _strip(key, prefix)
-        tensors[out] = passthrough(f, key, out)
+    used |= {key for key in f.keys() if key.endswith(".comfy_quant")}   # markers are read above, never passed on
+    tensors = passthrough_rest(f, prefix, used)
     return Checkpoint(f.path, NAME, detail, layers, tensors, dict(f.header.metadata), f, warnings=warnings)
 
 

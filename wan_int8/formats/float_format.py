@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import Checkpoint, passthrough
+from .base import Checkpoint, passthrough_rest
 from .safetensors_io import SafetensorsFile
 
 NAME = "float"
@@ -19,8 +19,4 @@ def detect(f: SafetensorsFile, prefix: str) -> Optional[str]:
 
 
 def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
-    tensors = {}
-    for key in f.keys():
-        out = key[len(prefix):] if prefix and key.startswith(prefix) else key
-        tensors[out] = passthrough(f, key, out)
-    return Checkpoint(f.path, NAME, detail, {}, tensors, dict(f.header.metadata), f)
+    return Checkpoint(f.path, NAME, detail, {}, passthrough_rest(f, prefix), dict(f.header.metadata), f)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-from .base import Checkpoint, LayerSource, passthrough
+from .base import Checkpoint, LayerSource, passthrough_rest, unprefixed
 from .int8_keys import int8_layer_names, plain_int8_layer
 from .safetensors_io import SafetensorsFile
 
@@ -36,12 +36,8 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
     used = set()
     warnings = []
     for p in int8_layer_names(f):
-        name = p[len(prefix):] if prefix and p.startswith(prefix) else p
+        name = unprefixed(p, prefix)
         layers[name], keys = plain_int8_layer(f, name, p, warnings)
         used |= keys
-    tensors = {}
-    for key in f.keys():
-        if key not in used:
-            out = key[len(prefix):] if prefix and key.startswith(prefix) else key
-            tensors[out] = passthrough(f, key, out)
+    tensors = passthrough_rest(f, prefix, used)
     return Checkpoint(f.path, NAME, detail, layers, tensors, dict(f.header.metadata), f, warnings=warnings)

@@ -20,7 +20,7 @@ import torch
 
 from ..quant.int8 import quantize_weight
 from ..quant.types import Int8Weight
-from .base import Checkpoint, LayerSource, TensorSource, passthrough
+from .base import Checkpoint, LayerSource, TensorSource, passthrough, unprefixed
 from .int8_keys import find_one
 from .safetensors_io import CheckpointError, SafetensorsFile
 from .scales import is_scalar_or_row
@@ -54,7 +54,7 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
         if not (key.endswith(".weight") and info.dtype in FP8 and len(info.shape) == 2):
             continue
         p = key[: -len(".weight")]
-        name = p[len(prefix):] if prefix and p.startswith(prefix) else p
+        name = unprefixed(p, prefix)
         skey = find_one(f, p, WEIGHT_SCALES, "fp8 weight-scale")
         ikey = find_one(f, p, INPUT_SCALES, "fp8 input-scale")
         layers[name] = _fp8_layer(f, name, key, skey, info)
@@ -66,7 +66,7 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
     for key, info in f.header.tensors.items():
         if key in used:
             continue
-        out = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        out = unprefixed(key, prefix)
         if info.dtype in FP8:
             tensors[out] = TensorSource(out, info.shape, torch.bfloat16, (key,),
                                         lambda key=key: f.get(key).to(torch.float32).to(torch.bfloat16))

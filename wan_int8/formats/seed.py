@@ -36,7 +36,7 @@ import torch
 from ..quant.hadamard import default_group_size, hadamard_matrix
 from ..quant.int8 import quantize_weight
 from ..quant.types import Int8Weight, Rotation
-from .base import Checkpoint, LayerSource, passthrough
+from .base import Checkpoint, LayerSource, passthrough_rest, unprefixed
 from .int8_keys import INPUT_SCALE_SUFFIXES, WEIGHT_SCALE_SUFFIXES, find_one, int8_layer_names, plain_int8_layer
 from .safetensors_io import CheckpointError, SafetensorsFile
 from .scales import is_scalar_or_row
@@ -70,7 +70,7 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
     warnings: List[str] = []
     children = _children(keys, names)
     for p in names:
-        name = p[len(prefix):] if prefix and p.startswith(prefix) else p
+        name = unprefixed(p, prefix)
         own = children.get(p, [])
         for key in own:
             suffix = key[len(p) + 1:]
@@ -102,11 +102,7 @@ def read(f: SafetensorsFile, prefix: str, detail: str) -> Checkpoint:
                                 "weights with the smoothing already undone)")
         layers[name] = layer
         used |= keys_used
-    tensors = {}
-    for key in keys:
-        if key not in used:
-            out = key[len(prefix):] if prefix and key.startswith(prefix) else key
-            tensors[out] = passthrough(f, key, out)
+    tensors = passthrough_rest(f, prefix, used)
     return Checkpoint(f.path, NAME, detail, layers, tensors, dict(f.header.metadata), f, warnings=warnings)
 
 
