@@ -174,3 +174,16 @@ def test_pointer_and_tensor_descriptor_loads_agree(case, monkeypatch):
     monkeypatch.setattr(ta, "TMA_DEFAULT", False)
     ptr = int8_attention(q, k, v, config=AttentionConfig(pv="fp8"))
     assert torch.equal(tma, ptr)
+
+
+def test_pipelined_loop_gives_the_same_result():
+    """The loop that issues the next block's Q·Kᵀ before this block's softmax computes exactly the same."""
+    q, k, v = make_qkv(2, 40, 70, 2, 64, seed=12)
+    try:
+        outs = []
+        for pipe in (True, False):
+            ta.set_config_override([ta._cfg(32, 16, 4, 1, pipe=pipe)])
+            outs.append(int8_attention(q, k, v))
+    finally:
+        ta.set_config_override(None)
+    assert torch.equal(outs[0], outs[1])

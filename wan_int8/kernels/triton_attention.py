@@ -110,17 +110,22 @@ def _v_fp8_kernel(v_ptr, vs_ptr, out_ptr, H, L, D, Lp,
 
 
 @triton.jit
-def _attn_step(acc, l_i, m_i, q, qs, k_desc, k_base, ks_base, v_desc, v_base, row_k, row_v, start_n, Lk, D,
+def _scores(q, k_desc, k_base, row_k, start_n, offs_n, offs_d, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """Q·K_blockᵀ in int32 (|s| <= 128*127^2 < 2^22)."""
+    if USE_TMA:
+        k = k_desc.load([row_k + start_n, 0])                                         # [BN, Dp] int8
+    else:
+        k = tl.load(k_base + (start_n + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])  # (padded: no mask)
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _attn_step(acc, l_i, m_i, s, qs, ks_base, v_desc, v_base, row_v, start_n, Lk, D,
                stride_vl, stride_vd, Lkp, offs_n, offs_d,
                HEAD_DIM: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr, EVEN_D: tl.constexpr,
                EMULATE_FP8: tl.constexpr, P_SHIFT: tl.constexpr, USE_TMA: tl.constexpr):
     cols = start_n + offs_n
-    if USE_TMA:
-        k = k_desc.load([row_k + start_n, 0])                               # [BN, Dp] int8
-    else:
-        k = tl.load(k_base + cols[:, None] * HEAD_DIM + offs_d[None, :])      # (padded: no mask)
     c = qs * tl.load(ks_base + start_n)          # [BM]: s_q[i] * s_k(block) * softmax_scale * log2(e)
-    s = tl.dot(q, tl.trans(k))                   # int32, |s| <= 128*127^2 < 2^22
     if MASK:
         u = tl.where(cols[None, :] < Lk, _i2f_exact(s) * c[:, None], float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(u, 1))
@@ -162,7 +167,7 @@ def _attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, o_ptr,
                  LQ_BUCKET, LK_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PV_FP8: tl.constexpr, EVEN_D: tl.constexpr, EMULATE_FP8: tl.constexpr, P_SHIFT: tl.constexpr,
-                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+                 USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PIPELINE: tl.constexpr):
     # P_SHIFT: log2(448) on the fp8 path (P = exp2(s - m + P_SHIFT) lands in e4m3's range), else 0
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -200,14 +205,28 @@ def _attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, o_ptr,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, k_desc, k_base, ks_base, v_desc, v_base, row_k, row_v,
-                                   start_n, Lk, D, stride_vl, stride_vd, Lkp, offs_n, offs_d,
-                                   HEAD_DIM, PV_FP8, False, EVEN_D, EMULATE_FP8, P_SHIFT, USE_TMA)
+    if PIPELINE:
+        # QK of the next block is issued before this block's softmax, so the tensor cores work while the
+        # exponentials run (K is padded by one block: the last prefetch stays in bounds)
+        s = _scores(q, k_desc, k_base, row_k, 0, offs_n, offs_d, HEAD_DIM, USE_TMA)
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            s_next = _scores(q, k_desc, k_base, row_k, start_n + BLOCK_N, offs_n, offs_d, HEAD_DIM, USE_TMA)
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, s, qs, ks_base, v_desc, v_base, row_v, start_n, Lk, D,
+                                       stride_vl, stride_vd, Lkp, offs_n, offs_d,
+                                       HEAD_DIM, PV_FP8, False, EVEN_D, EMULATE_FP8, P_SHIFT, USE_TMA)
+            s = s_next
+    else:
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            s = _scores(q, k_desc, k_base, row_k, start_n, offs_n, offs_d, HEAD_DIM, USE_TMA)
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, s, qs, ks_base, v_desc, v_base, row_v, start_n, Lk, D,
+                                       stride_vl, stride_vd, Lkp, offs_n, offs_d,
+                                       HEAD_DIM, PV_FP8, False, EVEN_D, EMULATE_FP8, P_SHIFT, USE_TMA)
     if n_full < Lk:
-        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, qs, k_desc, k_base, ks_base, v_desc, v_base, row_k, row_v,
-                                   n_full, Lk, D, stride_vl, stride_vd, Lkp, offs_n, offs_d,
+        s = _scores(q, k_desc, k_base, row_k, n_full, offs_n, offs_d, HEAD_DIM, USE_TMA)
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, s, qs, ks_base, v_desc, v_base, row_v, n_full, Lk, D,
+                                   stride_vl, stride_vd, Lkp, offs_n, offs_d,
                                    HEAD_DIM, PV_FP8, True, EVEN_D, EMULATE_FP8, P_SHIFT, USE_TMA)
     if PV_FP8:
         vs = tl.load(vs_ptr + bh * HEAD_DIM + offs_d)
@@ -220,16 +239,17 @@ def _attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, o_ptr,
 
 # -- configurations -----------------------------------------------------------------------------------------------
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, ws: bool = False) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, WARP_SPEC=ws)
+def _cfg(bm: int, bn: int, warps: int, stages: int, ws: bool = False, pipe: bool = False) -> dict:
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, WARP_SPEC=ws, PIPELINE=pipe)
 
 
 _CONFIGS: Dict[str, List[dict]] = {
-    "hopper": [_cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 4, 3),
-               _cfg(128, 128, 8, 3, True), _cfg(64, 128, 4, 3, True), _cfg(128, 64, 4, 3, True)],
+    "hopper": [_cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 3, True),
+               _cfg(128, 128, 8, 3, pipe=True), _cfg(64, 128, 4, 3, pipe=True), _cfg(128, 128, 8, 2, pipe=True),
+               _cfg(64, 128, 4, 2, pipe=True), _cfg(128, 64, 4, 3, pipe=True)],
     "ada": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3)],
     "ampere": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 2)],
-    "interpret": [_cfg(32, 16, 4, 1)],
+    "interpret": [_cfg(32, 16, 4, 1, pipe=True)],
 }
 _CONFIG_OVERRIDE: Optional[List[dict]] = None
 _KERNELS: Dict[tuple, object] = {}
@@ -287,11 +307,12 @@ def _padded_len(n: int) -> int:
 
 
 def quantize_tokens(x: torch.Tensor, mean: Optional[torch.Tensor], mul: float,
-                    per_block: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                    per_block: bool = False, extra: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [B, L, H, D] -> int8 [B*H, Lp, Dp], fp32 scales [B*H, Lp] (times `mul`); `mean` [B, H, D] fp32 or None.
-    per_block: one scale per SEQ_PAD tokens (stored for each of them), as the attention kernel wants for K."""
+    per_block: one scale per SEQ_PAD tokens (stored for each of them), as the attention kernel wants for K;
+    extra: more zero rows of padding (K: one block, for the kernel's prefetch of the next block)."""
     b, n, h, d = x.shape
-    dp, lp = padded_head_dim(d), _padded_len(n)
+    dp, lp = padded_head_dim(d), _padded_len(n) + extra
     codes = torch.empty((b * h, lp, dp), dtype=torch.int8, device=x.device)
     scales = torch.empty((b * h, lp), dtype=torch.float32, device=x.device)
     block = SEQ_PAD if per_block else 64
@@ -302,10 +323,11 @@ def quantize_tokens(x: torch.Tensor, mean: Optional[torch.Tensor], mul: float,
     return codes, scales
 
 
-def quantize_v_fp8(v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """v [B, L, H, D] -> fp8 e4m3 [B*H, Dp, Lp] (transposed) and fp32 per-channel scales [B*H, Dp] (amax/448)."""
+def quantize_v_fp8(v: torch.Tensor, extra: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """v [B, L, H, D] -> fp8 e4m3 [B*H, Dp, Lp] (transposed; Lp = L padded to SEQ_PAD, plus `extra` zero columns,
+    so that it matches K's padding) and fp32 per-channel scales [B*H, Dp] (amax/448)."""
     b, n, h, d = v.shape
-    dp, lp = padded_head_dim(d), _padded_len(n)
+    dp, lp = padded_head_dim(d), _padded_len(n) + extra
     vs = torch.zeros((b, h, dp), dtype=torch.float32, device=v.device)
     vs[..., :d] = v.abs().amax(dim=1).float() / FP8_MAX
     vs = vs.reshape(b * h, dp)
@@ -323,9 +345,9 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     lk = k.shape[1]
     mean = k.mean(dim=1, dtype=torch.float32).contiguous() if smooth_k else None
     q8, qs = quantize_tokens(q, None, scale * LOG2E)
-    k8, ks = quantize_tokens(k, mean, 1.0, per_block=True)
+    k8, ks = quantize_tokens(k, mean, 1.0, per_block=True, extra=SEQ_PAD)
     if pv_fp8:
-        vq, vs = quantize_v_fp8(v)
+        vq, vs = quantize_v_fp8(v, extra=SEQ_PAD)
         sv = (0, 0, 0, 0)
     else:
         vq, vs = (v if v.dtype in (torch.float16, torch.bfloat16) else v.to(torch.bfloat16)), qs
