@@ -37,6 +37,9 @@ log = logging.getLogger("wan_int8")
 
 EXIT_NONFINITE = 3
 TINY_CANDIDATES = ("int8", "int8-rot", "fp8", "select")
+# on request: rotated INT8 linears plus INT8 attention (P·V in fp8, or in 16 bits)
+ATTENTION_CANDIDATES = {"int8-rot+attn": "fp8", "int8-rot+attn16": "fp16"}
+ALL_CANDIDATES = TINY_CANDIDATES + tuple(ATTENTION_CANDIDATES)
 FILE_CANDIDATE = "int8-file"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,9 +91,24 @@ def quantized_copy(model: nn.Module, kind: str, family: str = "wan") -> nn.Modul
         fp8_quantize_model(m, family=family)
     elif kind in ("int8", "int8-rot"):
         quantize_model(m, family_rules(family, rotate=kind == "int8-rot", rotation_group=256))
+    elif kind in ATTENTION_CANDIDATES:
+        from .attention import heads_attention
+        quantize_model(m, family_rules(family, rotate=True, rotation_group=256))
+        m.set_attention(heads_attention(attention_config(ATTENTION_CANDIDATES[kind], model)))
     else:
         raise ValueError(f"unknown candidate {kind!r}")
     return m
+
+
+def attention_config(pv: str, model: nn.Module):
+    """The Triton kernel where it can run (a GPU, or TRITON_INTERPRET=1), else the torch oracle (the CPU)."""
+    from .attention import AttentionConfig, unavailable_reason
+    p = next(model.parameters())
+    probe = torch.zeros(1, 1, 1, 128, device=p.device, dtype=torch.bfloat16)
+    why = unavailable_reason(probe, probe, probe)
+    if why is not None:
+        log.info("accuracy: INT8 attention runs as the torch reference (%s)", why)
+    return AttentionConfig(pv=pv, backend="reference" if why else "triton")
 
 
 def parse_lora(spec: str) -> Tuple[str, float]:
@@ -562,17 +580,17 @@ def cmd_accuracy(args) -> int:
 def _run(args, device: str, common: dict) -> Optional[Result]:
     if args.float:
         extra = [c for c in (args.candidates or "").split(",") if c]
-        unknown = [c for c in extra if c not in TINY_CANDIDATES]
+        unknown = [c for c in extra if c not in ALL_CANDIDATES]
         if unknown:
             print(f"wan-int8 accuracy: error: unknown candidate(s) {', '.join(unknown)}; with --float/--int8 "
-                  f"choose extra ones from {', '.join(TINY_CANDIDATES)}", file=sys.stderr)
+                  f"choose extra ones from {', '.join(ALL_CANDIDATES)}", file=sys.stderr)
             return None
         return file_accuracy(args.float, args.int8, device=device, extra=extra, **common)
     cands = [c for c in (args.candidates or ",".join(TINY_CANDIDATES)).split(",") if c]
-    unknown = [c for c in cands if c not in TINY_CANDIDATES]
+    unknown = [c for c in cands if c not in ALL_CANDIDATES]
     if unknown:
         print(f"wan-int8 accuracy: error: unknown candidate(s) {', '.join(unknown)}; choose from "
-              f"{', '.join(TINY_CANDIDATES)}", file=sys.stderr)
+              f"{', '.join(ALL_CANDIDATES)}", file=sys.stderr)
         return None
     return tiny_accuracy(layers=args.layers, candidates=cands, device=device, **common)
 
@@ -615,8 +633,9 @@ def add_commands(subparsers) -> None:
     s.add_argument("--float", default=None, metavar="FILE", help="float Wan checkpoint (the reference)")
     s.add_argument("--int8", default=None, metavar="FILE", help="INT8 Wan checkpoint compared with --float")
     s.add_argument("--candidates", default=None,
-                   help=f"comma list; tiny Wan default: {','.join(TINY_CANDIDATES)}; with --float/--int8: "
-                        f"extra candidates built from the float model (default none)")
+                   help=f"comma list; tiny Wan default: {','.join(TINY_CANDIDATES)}; also "
+                        f"{','.join(ATTENTION_CANDIDATES)} (rotated INT8 linears + INT8 attention, P·V in fp8 / "
+                        f"16 bits); with --float/--int8: extra candidates built from the float model (default none)")
     s.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layers", type=int, default=2, help="tiny Wan blocks (default 2)")

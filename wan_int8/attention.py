@@ -201,6 +201,14 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     return _int8_attention_impl(q, k, v, scale, pv_fp8, config.smooth_k, backend)
 
 
+def heads_attention(config: AttentionConfig = AttentionConfig()):
+    """`fn(q, k, v, heads)` on [B, L, H*D] tensors (the Wan model's and ComfyUI's layout) running INT8 attention."""
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        split = [t.unflatten(-1, (heads, -1)) for t in (q, k, v)]
+        return int8_attention(*split, config=config).flatten(-2)
+    return fn
+
+
 def attention_error(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
     """(cosine similarity, relative L2 error) of out vs ref, in float64."""
     a, b = out.double().flatten(), ref.double().flatten()

@@ -151,12 +151,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(b, -1, heads * out.shape[-1])
 
 
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
 class WanSelfAttention(nn.Module):
-    """q/k/v/o Linears; RMSNorm over all heads on q and k; RoPE on q and k."""
+    """q/k/v/o Linears; RMSNorm over all heads on q and k; RoPE on q and k.  `attention_fn` (q, k, v, heads) on
+    [B, L, H*D] tensors: SDPA unless `WanModel.set_attention` chose another (e.g. INT8 attention)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
+        self.attention_fn: AttentionFn = attention
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, **kw) for _ in range(4))
         self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True, **kw)
@@ -166,7 +171,7 @@ class WanSelfAttention(nn.Module):
         b, s, n = x.shape[0], x.shape[1], self.num_heads
         q = apply_rope(self.norm_q(self.q(x)).view(b, s, n, -1), freqs)
         k = apply_rope(self.norm_k(self.k(x)).view(b, s, n, -1), freqs)
-        out = attention(q.view(b, s, -1), k.view(b, s, -1), self.v(x), n)
+        out = self.attention_fn(q.view(b, s, -1), k.view(b, s, -1), self.v(x), n)
         return self.o(out)
 
 
@@ -176,7 +181,7 @@ class WanT2VCrossAttention(WanSelfAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_img_len: Optional[int] = None) -> torch.Tensor:
         q = self.norm_q(self.q(x))
         k = self.norm_k(self.k(context))
-        return self.o(attention(q, k, self.v(context), self.num_heads))
+        return self.o(self.attention_fn(q, k, self.v(context), self.num_heads))
 
 
 class WanI2VCrossAttention(WanSelfAttention):
@@ -194,8 +199,8 @@ class WanI2VCrossAttention(WanSelfAttention):
         q = self.norm_q(self.q(x))
         k = self.norm_k(self.k(context))
         k_img = self.norm_k_img(self.k_img(context_img))
-        img = attention(q, k_img, self.v_img(context_img), self.num_heads)
-        txt = attention(q, k, self.v(context), self.num_heads)
+        img = self.attention_fn(q, k_img, self.v_img(context_img), self.num_heads)
+        txt = self.attention_fn(q, k, self.v(context), self.num_heads)
         return self.o(txt + img)
 
 
@@ -281,6 +286,13 @@ class WanModel(nn.Module):
         self.img_emb = (MLPProj(CLIP_DIM, cfg.dim, cfg.flf_pos_embed_token_number, **kw)
                         if cfg.model_type == "i2v" else None)
         self._freqs: Dict[tuple, torch.Tensor] = {}   # (grid, device) -> RoPE; not state, rebuilt on demand
+
+    def set_attention(self, fn: Optional[AttentionFn] = None, cross: bool = True) -> None:
+        """Run every self-attention (and, with `cross`, every cross-attention) through `fn(q, k, v, heads)` on
+        [B, L, H*D] tensors; None restores SDPA."""
+        for block in self.blocks:
+            block.self_attn.attention_fn = fn or attention
+            block.cross_attn.attention_fn = (fn if cross else None) or attention
 
     def rope(self, grid: Sequence[int], device) -> torch.Tensor:
         """RoPE for a token grid, cached: built on the CPU in float64, so worth not redoing every step."""
