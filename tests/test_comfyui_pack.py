@@ -333,7 +333,7 @@ def test_pack_registers_nodes_without_touching_the_gpu(comfy):
     cuda_before = torch.cuda.is_initialized()    # True when earlier GPU tests in this process used CUDA
     spec.loader.exec_module(pack)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"WanVideoINT8Loader", "WanLoRALoaderINT8", "WanLoRALoaderWithCLIPINT8",
-                                             "WanLoRAStackINT8", "WanINT8ModelSaver"}
+                                             "WanLoRAStackINT8", "WanINT8ModelSaver", "WanINT8Attention"}
     assert torch.cuda.is_initialized() == cuda_before   # importing the pack initialised nothing
 
 
@@ -526,3 +526,53 @@ def test_lora_node_debug_logs_the_match_report(comfy, files, caplog):
         WanLoRALoaderINT8().load_lora(base, "tiny_lora.safetensors", 1.0, "disable", debug=True)
     lines = [r.getMessage() for r in caplog.records if "tiny_lora.safetensors" in r.getMessage()]
     assert lines and "applied to 3 layers" in lines[0]      # the three targeted layers are reported
+
+
+def _run_opts(comfy, patcher):
+    """Like _run, with the patcher's transformer_options (where attention overrides live), as a sampler passes."""
+    x, t, ctx = _inputs()
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patcher])
+        opts = patcher.model_options.get("transformer_options", {})
+        return patcher.model.apply_model(x, t, c_crossattn=ctx, transformer_options=dict(opts)).float()
+
+
+def test_int8_attention_node_per_model(comfy, files, monkeypatch, caplog):
+    """The node routes this clone's attention (self and cross) through the INT8 kernel, leaves the original model
+    alone, logs what runs, and hands a masked call back to ComfyUI's attention with the reason."""
+    import logging
+    from wan_int8 import attention as attn
+    from wan_int8.comfy.nodes import WanINT8Attention
+    cpu = os.environ.get("WAN_INT8_COMFY_DEVICE", "cpu") == "cpu"
+    if cpu:   # the glue is under test here; on the CPU the oracle stands in for the kernel (tests/test_attention.py)
+        monkeypatch.setattr(attn, "unavailable_reason", lambda q, k, v: None)
+    calls = []
+    real = attn._int8_attention_impl
+    monkeypatch.setattr(attn, "_int8_attention_impl",
+                        lambda *a: calls.append(a[0].shape) or real(*a[:-1], "reference" if cpu else a[-1]))
+    base = _loader_node("tiny_bf16.safetensors", rotation="on")
+    with caplog.at_level(logging.INFO, logger="wan_int8"):
+        fast = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)")[0]
+        ref = _run_opts(comfy, base)
+        assert not calls, "the original model must keep ComfyUI's attention"
+        out = _run_opts(comfy, fast)
+    assert len(calls) == 4                 # 2 blocks x (self, cross)
+    assert {tuple(c) for c in calls} == {(1, 128, 2, 128)}
+    err = _rel(out, ref)
+    print(f"INT8 attention vs ComfyUI attention, same INT8 model: rel {err:.3e}")
+    assert 0 < err < 0.02
+    assert "INT8 attention (Triton; Q·K INT8, P·V 16-bit, head_dim 128)" in caplog.text
+    calls.clear()
+    only_self = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)", True)[0]
+    _run_opts(comfy, only_self)
+    assert len(calls) == 2
+    off = WanINT8Attention().apply(fast, "off")[0]
+    calls.clear()
+    assert torch.equal(_run_opts(comfy, off), ref) and not calls
+    # a mask: ComfyUI's attention, with the reason logged
+    from wan_int8.comfy.attention import Int8AttentionOverride
+    q = torch.randn(1, 8, 256)
+    sentinel = torch.zeros(1)
+    with caplog.at_level(logging.INFO, logger="wan_int8"):
+        got = Int8AttentionOverride()(lambda *a, **k: sentinel, q, q, q, 2, mask=torch.ones(8, 8))
+    assert got is sentinel and "an attention mask was given" in caplog.text

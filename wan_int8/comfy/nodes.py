@@ -2,7 +2,7 @@
 
 Node ids and input names of the seed (ThunderFun/ComfyUI-Wan-INT8) are kept so saved workflows load:
 `WanVideoINT8Loader`, `WanLoRALoaderINT8`, `WanLoRALoaderWithCLIPINT8`; new inputs come last with defaults.
-New nodes: `WanLoRAStackINT8`, `WanINT8ModelSaver`.  Importing this module needs ComfyUI's `folder_paths`
+New nodes: `WanLoRAStackINT8`, `WanINT8ModelSaver`, `WanINT8Attention`.  Importing this module needs ComfyUI's `folder_paths`
 and nothing heavy: the ComfyUI model code is imported when a node runs.
 """
 from __future__ import annotations
@@ -232,12 +232,44 @@ class WanINT8ModelSaver:
         return {}
 
 
+class WanINT8Attention:
+    MODES = {"int8 (P·V fp8 where supported)": "auto", "int8 (P·V 16-bit, most accurate)": "fp16", "off": None}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "attention": (list(cls.MODES), {"default": "off", "tooltip": (
+                "INT8 attention for this model (off by default; measured speed and accuracy against bf16 "
+                "attention: bench/RESULTS.md). Needs an Ampere or newer GPU; elsewhere ComfyUI's attention runs "
+                "and the log says why.")}),
+            "self_attention_only": ("BOOLEAN", {"default": False,
+                                                "tooltip": "keep ComfyUI's attention for cross-attention"}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs this model's attention through the wan-int8 INT8 kernel (Q·K in INT8 with smoothed keys, "
+                   "P·V in fp8 or 16 bits). Per model: other models and clones keep their attention.")
+
+    def apply(self, model, attention="off", self_attention_only=False):
+        from .attention import apply_int8_attention, remove_int8_attention
+        pv = self.MODES.get(attention, "missing")
+        if pv == "missing":
+            raise ValueError(f"WanINT8Attention: unknown attention mode {attention!r}; choose one of {list(self.MODES)}")
+        if pv is None:
+            return (remove_int8_attention(model),)
+        return (apply_int8_attention(model, pv, self_only=self_attention_only),)
+
+
 NODE_CLASS_MAPPINGS = {
     "WanVideoINT8Loader": WanVideoINT8Loader,
     "WanLoRALoaderINT8": WanLoRALoaderINT8,
     "WanLoRALoaderWithCLIPINT8": WanLoRALoaderWithCLIPINT8,
     "WanLoRAStackINT8": WanLoRAStackINT8,
     "WanINT8ModelSaver": WanINT8ModelSaver,
+    "WanINT8Attention": WanINT8Attention,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WanVideoINT8Loader": "Wan Video Loader (INT8)",
@@ -245,4 +277,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanLoRALoaderWithCLIPINT8": "Wan LoRA Loader with CLIP (INT8)",
     "WanLoRAStackINT8": "Wan LoRA Stack (INT8)",
     "WanINT8ModelSaver": "Save Model (wan-int8 native INT8)",
+    "WanINT8Attention": "Wan INT8 Attention",
 }

@@ -1,0 +1,133 @@
+"""One Wan block, bf16 against ours, in one process, on the same inputs (issue 7's block benchmark).
+
+    python bench/block.py                  # Wan 14B block at L=32760 and 75600, 5B block at 27280 (H100: ~3 min)
+    python bench/block.py --cpu-smoke      # no GPU: a tiny block, torch references, exits 0
+
+Variants: bf16 (PyTorch block, SDPA attention); INT8 linears (our op, per-token x per-channel, eager);
++ INT8 attention (P·V fp8); + INT8 attention (P·V 16-bit).  Fused norm/modulation/GELU passes are not built yet.
+The block is `wan_int8.models.wan.WanAttentionBlock` (ComfyUI's math: fp32-free modulation in the model dtype)
+with nn.Linear default init, norms at 1, modulation N(0, 0.1); x ~ N(0, 1); 512 text tokens; RoPE for the
+latent grid.  Accuracy: cosine and relative L2 error of the block output against the bf16 block's output.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from wan_int8.attention import AttentionConfig, attention_error, heads_attention  # noqa: E402
+from wan_int8.layers import quantize_model  # noqa: E402
+from wan_int8.models.wan import WanAttentionBlock, WanConfig, rope_freqs  # noqa: E402
+from wan_int8.models.wan import attention as sdpa_heads  # noqa: E402
+from wan_int8.quant.fp8 import family_rules  # noqa: E402
+
+# (name, config, latent grid (t, h, w) after patching)
+CASES = [
+    ("14B 480p", WanConfig(dim=5120, ffn_dim=13824, num_layers=1), (21, 30, 52)),    # L = 32760
+    ("14B 720p", WanConfig(dim=5120, ffn_dim=13824, num_layers=1), (21, 45, 80)),    # L = 75600
+    ("5B 720p", WanConfig(dim=3072, ffn_dim=14336, num_layers=1), (31, 22, 40)),     # L = 27280
+]
+SMOKE = [("tiny", WanConfig(dim=256, ffn_dim=512, num_layers=1), (2, 4, 4))]
+
+
+class OneBlock(nn.Module):
+    """A block under `blocks.0` so the Wan family's quantization rules select its linears."""
+
+    def __init__(self, block: WanAttentionBlock):
+        super().__init__()
+        self.blocks = nn.ModuleList([block])
+
+    def set_attention(self, fn):
+        b = self.blocks[0]
+        b.self_attn.attention_fn = fn
+        b.cross_attn.attention_fn = fn
+
+    def forward(self, *args):
+        return self.blocks[0](*args)
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_ms(fn, cuda):
+    if not cuda:
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=3, rep=30, return_mode="median"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--cases", default="", help="comma list of case names (default: all)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    cases = CASES if cuda else SMOKE
+    if args.cases:
+        cases = [c for c in cases if c[0] in args.cases.split(",")]
+    rows = []
+    for name, cfg, grid in cases:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        with torch.device(device):
+            block = WanAttentionBlock(cfg, dtype=torch.bfloat16)
+        with torch.no_grad():
+            block.modulation.copy_(0.1 * torch.randn(block.modulation.shape, generator=g))
+        base = OneBlock(block).eval()
+        seq = grid[0] * grid[1] * grid[2]
+        x = torch.randn(1, seq, cfg.dim, generator=g).to(device, torch.bfloat16)
+        e = (0.1 * torch.randn(1, 1, 6, cfg.dim, generator=g)).to(device, torch.bfloat16)
+        ctx = torch.randn(1, 512, cfg.dim, generator=g).to(device, torch.bfloat16)
+        freqs = rope_freqs(grid, cfg.head_dim, device=device)
+        attn_kind = "triton" if cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+        q8 = copy.deepcopy(base)
+        quantize_model(q8, family_rules("wan"))
+        variants = [("bf16 (SDPA)", base, None), ("INT8 linears", q8, None)]
+        for label, pv in (("INT8 linears + INT8 attn (fp8 P·V)", "fp8"),
+                          ("INT8 linears + INT8 attn (16-bit P·V)", "fp16")):
+            variants.append((label, q8, heads_attention(AttentionConfig(pv=pv, backend=attn_kind))))
+        with torch.no_grad():
+            ref = base(x, e, freqs, ctx).float()
+            base_ms = None
+            for label, model, attn in variants:
+                model.set_attention(attn or sdpa_heads)
+                try:
+                    out = model(x, e, freqs, ctx).float()
+                    cos, rel = attention_error(out, ref)
+                    ms = bench_ms(lambda: model(x, e, freqs, ctx), cuda)
+                    base_ms = base_ms or ms
+                    rows.append((name, seq, label, ms, base_ms / ms, cos, rel, ""))
+                    log(f"{name}: {label} {ms:.2f} ms cos {cos:.6f}")
+                except Exception as exc:   # a failing variant is recorded, never fatal
+                    rows.append((name, seq, label, float("nan"), 0.0, 0.0, 0.0, f"{type(exc).__name__}: {exc}"[:90]))
+                    log(f"{name}: {label} failed: {exc}")
+        del variants, q8, base, block
+        if cuda:
+            torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU"
+    import triton
+    print(f"\n{dev}, torch {torch.__version__}, Triton {triton.__version__}, eager, bf16 activations\n")
+    print("| block | L | variant | ms | x bf16 | cosine | rel err | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.6f} | {r[6]:.2e} | {r[7]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
