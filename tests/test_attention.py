@@ -181,9 +181,25 @@ def test_pipelined_loop_gives_the_same_result():
     q, k, v = make_qkv(2, 40, 70, 2, 64, seed=12)
     try:
         outs = []
-        for pipe in (True, False):
-            ta.set_config_override([ta._cfg(32, 16, 4, 1, pipe=pipe)])
+        for pipe in (True, False):   # (a GPU's fp8 dot needs K >= 32)
+            ta.set_config_override([ta._cfg(32, 16, 4, 1, pipe=pipe) if DEVICE == "cpu" else ta._cfg(64, 64, 4, 2, pipe=pipe)])
             outs.append(int8_attention(q, k, v))
     finally:
         ta.set_config_override(None)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_fp16_exponentials_match_fp32_ones_to_the_fp8_rounding():
+    """GPU only: exp2 on fp16 pairs (fp8 P·V) against fp32 exp2: the same output up to P's fp8 rounding."""
+    if DEVICE == "cpu":
+        pytest.skip("inline PTX: GPU only")
+    q, k, v = make_qkv(1, 300, 700, 2, 128, seed=13)
+    outs = []
+    for flag in (True, False):
+        ta.EXP_F16_DEFAULT = flag
+        outs.append(int8_attention(q, k, v, config=AttentionConfig(pv="fp8")))
+    ta.EXP_F16_DEFAULT = True
+    _, rel = attention_error(outs[0], outs[1])
+    _, rel16 = attention_error(outs[0], exact(q, k, v))
+    _, rel32 = attention_error(outs[1], exact(q, k, v))
+    assert rel < 2e-2 and rel16 < 1.1 * rel32 + 1e-3

@@ -552,7 +552,7 @@ def test_int8_attention_node_per_model(comfy, files, monkeypatch, caplog):
                         lambda *a: calls.append(a[0].shape) or real(*a[:-1], "reference" if cpu else a[-1]))
     base = _loader_node("tiny_bf16.safetensors", rotation="on")
     with caplog.at_level(logging.INFO, logger="wan_int8"):
-        fast = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)")[0]
+        fast = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)", False)[0]
         ref = _run_opts(comfy, base)
         assert not calls, "the original model must keep ComfyUI's attention"
         out = _run_opts(comfy, fast)
@@ -563,7 +563,7 @@ def test_int8_attention_node_per_model(comfy, files, monkeypatch, caplog):
     assert 0 < err < 0.02
     assert "INT8 attention (Triton; Q·K INT8, P·V 16-bit, head_dim 128)" in caplog.text
     calls.clear()
-    only_self = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)", True)[0]
+    only_self = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)")[0]   # the default
     _run_opts(comfy, only_self)
     assert len(calls) == 2
     off = WanINT8Attention().apply(fast, "off")[0]
