@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 
 if "--cpu-smoke" in sys.argv:
@@ -23,25 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from common import bench_ms, log  # noqa: E402  (bench/common.py)
+
 from wan_int8.attention import AttentionConfig, attention_error, int8_attention, sdpa  # noqa: E402
 
 SHAPES = [("self 480p", 32760, 32760), ("self 720p", 75600, 75600), ("cross text", 32760, 512),
           ("cross image", 32760, 257)]
 SMOKE_SHAPES = [("self", 130, 130), ("cross", 70, 33)]
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def bench_ms(fn, cuda):
-    if not cuda:
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
 
 
 def inputs(lq, lk, heads, dim, device, seed=0):

@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 if "--cpu-smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,6 +22,8 @@ if "--cpu-smoke" in sys.argv:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from common import bench_ms, log  # noqa: E402  (bench/common.py)
 import torch.nn as nn  # noqa: E402
 
 from wan_int8.attention import AttentionConfig, attention_error, heads_attention  # noqa: E402
@@ -54,20 +55,6 @@ class OneBlock(nn.Module):
 
     def forward(self, *args):
         return self.blocks[0](*args)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def bench_ms(fn, cuda):
-    if not cuda:
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=3, rep=30, return_mode="median"))
 
 
 def main(argv=None):
@@ -109,7 +96,7 @@ def main(argv=None):
                 try:
                     out = model(x, e, freqs, ctx).float()
                     cos, rel = attention_error(out, ref)
-                    ms = bench_ms(lambda: model(x, e, freqs, ctx), cuda)
+                    ms = bench_ms(lambda: model(x, e, freqs, ctx), cuda, warmup=3, rep=30)
                     base_ms = base_ms or ms
                     rows.append((name, seq, label, ms, base_ms / ms, cos, rel, ""))
                     log(f"{name}: {label} {ms:.2f} ms cos {cos:.6f}")

@@ -67,16 +67,19 @@ def _to_fp8(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _token_tile(H, L, D, BLOCK_L: tl.constexpr, DP: tl.constexpr):
+    """This program's (b*H + h, b, h, token offsets, channel offsets, in-bounds mask) for the [B, L, H, D] passes."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, DP)
+    return bh, bh // H, bh % H, offs_l, offs_d, (offs_l[:, None] < L) & (offs_d[None, :] < D)
+
+
+@triton.jit
 def _quant_tokens_kernel(x_ptr, mean_ptr, q_ptr, s_ptr, H, L, D, Lp, mul,
                          stride_b, stride_l, stride_h, stride_d,
                          HAS_MEAN: tl.constexpr, PER_BLOCK: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_l = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, DP)
-    mask = (offs_l[:, None] < L) & (offs_d[None, :] < D)
+    bh, b, h, offs_l, offs_d, mask = _token_tile(H, L, D, BLOCK_L, DP)
     ptrs = x_ptr + b * stride_b + h * stride_h + offs_l[:, None].to(tl.int64) * stride_l + offs_d[None, :] * stride_d
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_MEAN:
@@ -97,13 +100,7 @@ def _quant_tokens_kernel(x_ptr, mean_ptr, q_ptr, s_ptr, H, L, D, Lp, mul,
 def _v_fp8_kernel(v_ptr, vs_ptr, out_ptr, H, L, D, Lp,
                   stride_b, stride_l, stride_h, stride_d,
                   DP: tl.constexpr, BLOCK_L: tl.constexpr, EMULATE_FP8: tl.constexpr):
-    pid_l = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, DP)
-    mask = (offs_l[:, None] < L) & (offs_d[None, :] < D)
+    bh, b, h, offs_l, offs_d, mask = _token_tile(H, L, D, BLOCK_L, DP)
     x = tl.load(v_ptr + b * stride_b + h * stride_h + offs_l[:, None].to(tl.int64) * stride_l
                 + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
     vs = tl.load(vs_ptr + bh * DP + offs_d)                     # amax / 448 (0 for an all-zero channel)
