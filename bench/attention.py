@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from common import bench_ms, log  # noqa: E402  (bench/common.py)
+from wan_int8.quant.metrics import cosine, rel_error  # noqa: E402
 
-from wan_int8.attention import AttentionConfig, attention_error, int8_attention, sdpa  # noqa: E402
+from wan_int8.attention import AttentionConfig, int8_attention, sdpa  # noqa: E402
 
 SHAPES = [("self 480p", 32760, 32760), ("self 720p", 75600, 75600), ("cross text", 32760, 512),
           ("cross image", 32760, 257)]
@@ -67,7 +68,7 @@ def main(argv=None):
             ta.EXP_F16_DEFAULT = "fp16x2 exp2" in mname
             try:
                 out = int8_attention(q, k, v, config=cfg)
-                cos, rel = attention_error(out, ref)
+                cos, rel = cosine(out, ref), rel_error(out, ref)
                 ms = bench_ms(lambda: int8_attention(q, k, v, config=cfg), cuda)
                 rows.append((name, mname, ms, base / ms, flops / ms / 1e9, cos, rel, ""))
                 log(f"{name}: {mname} {ms:.3f} ms cos {cos:.6f}")
@@ -91,7 +92,7 @@ def main(argv=None):
             label += " tma" if tma else " ptr"
             try:
                 out = int8_attention(q, k, v, config=methods[0][1])
-                cos, rel = attention_error(out, ref)
+                cos, rel = cosine(out, ref), rel_error(out, ref)
                 ms = bench_ms(lambda: int8_attention(q, k, v, config=methods[0][1]), cuda)
                 rows.append((name, label, ms, base / ms, flops / ms / 1e9, cos, rel, ""))
             except Exception as exc:

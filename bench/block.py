@@ -24,9 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from common import bench_ms, log  # noqa: E402  (bench/common.py)
+from wan_int8.quant.metrics import cosine, rel_error  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from wan_int8.attention import AttentionConfig, attention_error, heads_attention  # noqa: E402
+from wan_int8.attention import AttentionConfig, heads_attention  # noqa: E402
 from wan_int8.layers import quantize_model  # noqa: E402
 from wan_int8.models.wan import WanAttentionBlock, WanConfig, rope_freqs  # noqa: E402
 from wan_int8.models.wan import attention as sdpa_heads  # noqa: E402
@@ -95,7 +96,7 @@ def main(argv=None):
                 model.set_attention(attn or sdpa_heads)
                 try:
                     out = model(x, e, freqs, ctx).float()
-                    cos, rel = attention_error(out, ref)
+                    cos, rel = cosine(out, ref), rel_error(out, ref)
                     ms = bench_ms(lambda: model(x, e, freqs, ctx), cuda, warmup=3, rep=30)
                     base_ms = base_ms or ms
                     rows.append((name, seq, label, ms, base_ms / ms, cos, rel, ""))

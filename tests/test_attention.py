@@ -20,9 +20,10 @@ if DEVICE == "cpu":
 
 triton = pytest.importorskip("triton")
 
-from wan_int8.attention import (AttentionConfig, AttentionUnavailable, attention_error, int8_attention,  # noqa: E402
+from wan_int8.attention import (AttentionConfig, AttentionUnavailable, int8_attention,  # noqa: E402
                                 int8_attention_reference, quantize_tokens_reference, quantize_v_fp8_reference, sdpa)
 from wan_int8.kernels import triton_attention as ta  # noqa: E402
+from wan_int8.quant.metrics import cosine, rel_error  # noqa: E402
 
 
 def make_qkv(b, lq, lk, h, d, seed, dtype=torch.bfloat16, k_offset=2.0):
@@ -48,16 +49,16 @@ def test_config_validates_its_fields():
 def test_reference_is_close_to_exact_attention(pv_fp8, max_rel):
     q, k, v = make_qkv(2, 64, 96, 3, 64, seed=1)
     out = int8_attention_reference(q, k, v, pv_fp8=pv_fp8)
-    cos, rel = attention_error(out, exact(q, k, v))
-    assert rel < max_rel and cos > 0.999
+    ref = exact(q, k, v)
+    assert rel_error(out, ref) < max_rel and cosine(out, ref) > 0.999
 
 
 def test_key_smoothing_removes_the_shared_offset():
     """A large shared key offset eats INT8's range unless the mean is subtracted (softmax is unchanged by it)."""
     q, k, v = make_qkv(1, 48, 64, 2, 64, seed=2, k_offset=20.0)
     ref = exact(q, k, v)
-    _, rel_smooth = attention_error(int8_attention_reference(q, k, v, pv_fp8=False, smooth_k=True), ref)
-    _, rel_plain = attention_error(int8_attention_reference(q, k, v, pv_fp8=False, smooth_k=False), ref)
+    rel_smooth = rel_error(int8_attention_reference(q, k, v, pv_fp8=False, smooth_k=True), ref)
+    rel_plain = rel_error(int8_attention_reference(q, k, v, pv_fp8=False, smooth_k=False), ref)
     assert rel_smooth * 3 < rel_plain
 
 
@@ -110,10 +111,10 @@ def test_kernel_matches_the_oracle(case, pv):
     out = int8_attention(q, k, v, config=AttentionConfig(pv=pv))
     assert out.shape == q.shape and out.dtype == dtype
     ref = int8_attention_reference(q, k, v, pv_fp8=pv == "fp8")
-    _, rel = attention_error(out, ref)
+    rel = rel_error(out, ref)
     assert rel < (3e-2 if pv == "fp8" else 1e-2)
-    _, rel_k = attention_error(out, exact(q, k, v))
-    _, rel_o = attention_error(ref, exact(q, k, v))
+    rel_k = rel_error(out, exact(q, k, v))
+    rel_o = rel_error(ref, exact(q, k, v))
     assert rel_k < 1.3 * rel_o + 2e-3
 
 
@@ -133,7 +134,7 @@ def test_cross_attention_shapes():
     q, _, _ = make_qkv(1, 50, 1, 2, 64, seed=6)
     _, k, v = make_qkv(1, 1, 23, 2, 64, seed=7)
     out = int8_attention(q, k, v)
-    _, rel = attention_error(out, exact(q, k, v))
+    rel = rel_error(out, exact(q, k, v))
     assert out.shape == q.shape and rel < 0.06
 
 
@@ -199,7 +200,7 @@ def test_fp16_exponentials_match_fp32_ones_to_the_fp8_rounding():
         ta.EXP_F16_DEFAULT = flag
         outs.append(int8_attention(q, k, v, config=AttentionConfig(pv="fp8")))
     ta.EXP_F16_DEFAULT = False
-    _, rel = attention_error(outs[0], outs[1])
-    _, rel16 = attention_error(outs[0], exact(q, k, v))
-    _, rel32 = attention_error(outs[1], exact(q, k, v))
+    rel = rel_error(outs[0], outs[1])
+    rel16 = rel_error(outs[0], exact(q, k, v))
+    rel32 = rel_error(outs[1], exact(q, k, v))
     assert rel < 2e-2 and rel16 < 1.1 * rel32 + 1e-3

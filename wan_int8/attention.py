@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 from typing import Optional, Tuple
 
@@ -207,11 +206,3 @@ def heads_attention(config: AttentionConfig = AttentionConfig()):
         split = [t.unflatten(-1, (heads, -1)) for t in (q, k, v)]
         return int8_attention(*split, config=config).flatten(-2)
     return fn
-
-
-def attention_error(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
-    """(cosine similarity, relative L2 error) of out vs ref, in float64."""
-    a, b = out.double().flatten(), ref.double().flatten()
-    cos = float(torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-300))
-    rel = float((a - b).norm() / b.norm().clamp_min(1e-300))
-    return cos, rel if math.isfinite(rel) else float("inf")

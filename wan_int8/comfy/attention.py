@@ -32,7 +32,7 @@ class Int8AttentionOverride:
     def __repr__(self) -> str:
         return f"Int8AttentionOverride(pv={self.config.pv}, self_only={self.self_only})"
 
-    def _why_not(self, q, k, heads, mask, kwargs) -> Optional[str]:
+    def _why_not(self, q, k, mask, kwargs) -> Optional[str]:
         if mask is not None:
             return "an attention mask was given"
         if kwargs.get("enable_gqa"):
@@ -45,7 +45,7 @@ class Int8AttentionOverride:
         return None
 
     def __call__(self, func, q, k, v, heads, mask=None, **kwargs):
-        why = self._why_not(q, k, heads, mask, kwargs)
+        why = self._why_not(q, k, mask, kwargs)
         if why is None:
             try:
                 out = self._run(q, k, v, heads, kwargs)

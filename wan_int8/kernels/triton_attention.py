@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .triton_gemm import _autotune_kwargs, _ensure_allocator, _i2f_exact, tma_supported
+from .triton_quant import _interpreting
 
 FP8_MAX = 448.0
 LOG2E = 1.4426950408889634
@@ -41,10 +42,6 @@ TMA_DEFAULT = os.environ.get("WAN_INT8_ATTN_TMA", "1") == "1"   # tensor-descrip
 EXP_F16_DEFAULT = os.environ.get("WAN_INT8_ATTN_EXP16", "0") == "1"   # fp8 P·V: exp2 on fp16 pairs (GPU)
 # Run 20 (H100): no gain (31.3 vs 30.9 ms at L=32760, 165 vs 160 ms at 75600): the exponentials are not the
 # limit, the loop's lack of overlap between tensor-core and softmax work is. Off by default.
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
