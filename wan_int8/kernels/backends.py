@@ -6,8 +6,9 @@
 - "comfy_kitchen": ComfyUI's own INT8 kernel (CUTLASS), when the package is importable; it runs tensor/row
   scales, optionally with ComfyUI's convrot rotation, dynamic activations only.
 Both compute the function of `quant.int8_linear_reference` (comfy-kitchen rotates the activation in its own
-dtype rather than fp32, a rounding-level difference).  A call's LoRA term (`lora_t · lora_bᵀ`) is added after
-their GEMM: in fp32 before the cast where the epilogue is ours in torch, else in the output dtype, in place.
+dtype rather than fp32, a rounding-level difference).  A call's LoRA term (`lora_t · lora_bᵀ`) and block
+epilogue (GELU, gated residual) are applied after their GEMM: in fp32 before the cast where the epilogue is ours
+in torch, else from the output rounded to its dtype.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from typing import Optional
 
 import torch
 
-from ..quant.int8 import quantize_activation
-from .registry import ROT_KINDS, Backend, LinearCall, add_lora_output
+from ..quant.int8 import block_epilogue_reference, quantize_activation
+from .registry import ROT_KINDS, Backend, LinearCall, finish_output
 
 log = logging.getLogger("wan_int8.kernels")
 
 
 def _quantize(call: LinearCall):
+    if call.prequantized:
+        return call.x, call.sx
     from .triton_backend import triton_available
     if call.x.is_cuda and triton_available(call.x.device)[0]:
         from .triton_quant import quantize_activation_triton
@@ -61,7 +64,7 @@ def _dequant(acc, sx, sw, bias, out_dtype, call: Optional[LinearCall] = None):
     if acc.is_cuda and triton_available(acc.device)[0]:
         from .triton_dequant import dequant_epilogue
         y = dequant_epilogue(acc, sx, sw, bias, out_dtype)
-        return y if call is None else add_lora_output(call, y)
+        return y if call is None else finish_output(call, y)
     y = acc.to(torch.float32) * (sw if sw.dim() == 0 else sw[None, :])
     y = y * sx[:, None]
     if bias is not None:
@@ -69,6 +72,8 @@ def _dequant(acc, sx, sw, bias, out_dtype, call: Optional[LinearCall] = None):
     if call is not None and call.lora_t is not None:
         y = y.to(torch.promote_types(y.dtype, out_dtype))
         y.addmm_(call.lora_t.to(y.dtype), call.lora_b.to(y.dtype).t())
+    if call is not None and (call.act or call.residual is not None):
+        y = block_epilogue_reference(y, call.act, call.residual, call.gate, call.seq, call.per)
     return y.to(out_dtype)
 
 
@@ -95,6 +100,8 @@ def _ck_check(call: LinearCall) -> Optional[str]:
         return "comfy-kitchen runs tensor and row scales only"
     if call.input_scale is not None:
         return "comfy-kitchen has no static input_scale"
+    if call.prequantized:
+        return "comfy-kitchen quantizes its own input (this call has pre-quantized codes)"
     if call.rot_kind:
         if ROT_KINDS[call.rot_kind] != "regular" or call.signs is not None:
             return "comfy-kitchen's convrot is the regular Hadamard without signs"
@@ -108,7 +115,7 @@ def _ck_run(call: LinearCall) -> torch.Tensor:
     y = fn(call.x, call.qdata, scale, call.bias, call.out_dtype, convrot, call.rot_group or 256)
     if call.lora_t is not None and not y.is_contiguous():
         y = y.contiguous()
-    return add_lora_output(call, y)
+    return finish_output(call, y)
 
 
 COMFY_KITCHEN = Backend("comfy_kitchen", _ck_check, _ck_run, priority=1)

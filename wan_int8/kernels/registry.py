@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..config import Settings, get_settings
-from ..quant.int8 import _gemm_dequant, quantize_activation
+from ..quant.int8 import _gemm_dequant, block_epilogue_reference, quantize_activation
 from ..quant.types import Int8Weight, Rotation
 
 log = logging.getLogger("wan_int8.kernels")
@@ -28,7 +28,12 @@ ROT_KINDS = ("none", "regular", "sylvester")
 
 @dataclasses.dataclass
 class LinearCall:
-    """One INT8 linear call, 2-D: `x [M, K]` against `qdata [N, K]`."""
+    """One INT8 linear call, 2-D: `x [M, K]` against `qdata [N, K]`.
+
+    Pre-quantized activation: `sx` (fp32 `[M]`) set and `x` the int8 codes `[M, K]` themselves (already rotated,
+    e.g. one quantization shared by the q, k and v linears); `out_dtype` then says the output dtype.
+    Block epilogue (after bias and LoRA, see `quant.int8.block_epilogue_reference`): `act` 1 = GELU (tanh);
+    `residual [M, N]` plus `y * gate[row]` (`gate [B, G, N]`, rows by `seq`/`per`) or plus `y`."""
 
     x: torch.Tensor
     qdata: torch.Tensor
@@ -45,6 +50,21 @@ class LinearCall:
     # the others after their GEMM.  None: no LoRA.
     lora_t: Optional[torch.Tensor] = None
     lora_b: Optional[torch.Tensor] = None
+    sx: Optional[torch.Tensor] = None
+    act: int = 0
+    residual: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None
+    seq: int = 0
+    per: int = 0
+
+    @property
+    def prequantized(self) -> bool:
+        return self.sx is not None
+
+    @property
+    def epilogue(self) -> Tuple[int, int]:
+        """(act, residual mode: 0 none, 1 gated, 2 plain) -- part of the dispatch signature."""
+        return self.act, 0 if self.residual is None else 1 if self.gate is not None else 2
 
     @property
     def lora_rank(self) -> int:
@@ -87,20 +107,33 @@ class Backend:
     auto_on_cpu: bool = False  # chosen automatically for CPU tensors (the Triton interpreter is for tests only)
 
 
+def quantized_input(call: LinearCall):
+    """(codes, scales) of the call's activation: the given ones, else the torch quantizer's."""
+    if call.prequantized:
+        return call.x, call.sx
+    return quantize_activation(call.x, call.rotation, call.input_scale, get_settings().hadamard_chunk_size)
+
+
 def _reference_run(call: LinearCall) -> torch.Tensor:
-    xq, sx = quantize_activation(call.x, call.rotation, call.input_scale, get_settings().hadamard_chunk_size)
+    xq, sx = quantized_input(call)
     w = call.weight()
     y = _gemm_dequant(xq, sx, w, call.bias)
-    if call.lora_t is not None:   # in fp32 (fp64 for fp64 outputs) before the one cast, as the fused epilogue
-        acc = torch.promote_types(y.dtype, call.out_dtype)
+    acc = torch.promote_types(y.dtype, call.out_dtype)   # fp32 (fp64 for fp64 outputs) before the one cast
+    if call.lora_t is not None:
         y = y.to(acc).addmm_(call.lora_t.to(acc), call.lora_b.to(acc).t())
+    if call.act or call.residual is not None:
+        y = block_epilogue_reference(y.to(acc), call.act, call.residual, call.gate, call.seq, call.per)
     return y.to(call.out_dtype)
 
 
-def add_lora_output(call: LinearCall, y: torch.Tensor) -> torch.Tensor:
-    """`y += lora_t · lora_bᵀ` in y's dtype, in place (backends whose GEMM output is already cast)."""
+def finish_output(call: LinearCall, y: torch.Tensor) -> torch.Tensor:
+    """`y += lora_t · lora_bᵀ` in y's dtype, in place (backends whose GEMM output is already cast), then the
+    block epilogue (from the rounded output: one rounding more than the fused Triton epilogue)."""
     if call.lora_t is not None:
         y.addmm_(call.lora_t.to(y.dtype), call.lora_b.to(y.dtype).t())
+    if call.act or call.residual is not None:
+        y = block_epilogue_reference(y.float(), call.act, call.residual, call.gate, call.seq,
+                                     call.per).to(call.out_dtype)
     return y
 
 
@@ -143,7 +176,7 @@ class KernelRegistry:
             self._fast_owner = settings
         sig = (x.device, m_bucket(call.m), call.k, call.n, x.dtype, call.out_dtype, tuple(s.shape),
                call.rot_kind, call.rot_group, call.signs is not None, call.bias is not None,
-               call.input_scale is not None, qdata_ok(call), call.lora_rank)
+               call.input_scale is not None, qdata_ok(call), call.lora_rank, call.epilogue)
         backend = self._fast.get(sig)
         if backend is None:
             backend = self._choose(call, settings)
@@ -309,7 +342,8 @@ def dispatch_key(call: LinearCall) -> str:
     rot = f"{ROT_KINDS[call.rot_kind]}{call.rot_group}" if call.rot_kind else "norot"
     return (f"{where}|M{m_bucket(call.m)}|K{call.k}|N{call.n}|{group}|{rot}|{str(call.x.dtype)[6:]}"
             f"|{'bias' if call.bias is not None else 'nobias'}|{'static' if call.input_scale is not None else 'dyn'}"
-            + (f"|lora{call.lora_rank}" if call.lora_t is not None else ""))
+            + (f"|lora{call.lora_rank}" if call.lora_t is not None else "")
+            + (f"|act{call.act}res{call.epilogue[1]}" if call.epilogue != (0, 0) else ""))
 
 
 def qdata_ok(call: LinearCall) -> bool:

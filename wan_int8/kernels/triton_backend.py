@@ -63,7 +63,10 @@ def _signature(call: LinearCall) -> str:
     rot = ROT_KINDS[call.rot_kind] if call.rot_kind else "none"
     group = call.k // call.scale.shape[1] if call.scale.dim() == 2 else 0
     lora = f" lora{call.lora_rank}" if call.lora_t is not None else ""
-    return f"{call.x.dtype}->{call.out_dtype} {call.granularity}{group or ''} rot={rot}{call.rot_group or ''}{lora}"
+    act, res = call.epilogue
+    epi = f" act{act}res{res}" if act or res else ""
+    return (f"{call.x.dtype}->{call.out_dtype} {call.granularity}{group or ''} rot={rot}{call.rot_group or ''}"
+            f"{lora}{epi}")
 
 
 def check(call: LinearCall) -> Optional[str]:
@@ -87,7 +90,10 @@ def check(call: LinearCall) -> Optional[str]:
         return f"device type {x.device.type!r} is not supported"
     if x.dim() != 2:
         return f"expected a 2-D activation, got {x.dim()}-D"
-    if x.dtype not in _FLOAT_DTYPES:
+    if call.prequantized:
+        if x.dtype != torch.int8 or call.sx.dtype != torch.float32 or call.sx.numel() != call.m:
+            return "pre-quantized input must be int8 codes [M, K] with fp32 scales [M]"
+    elif x.dtype not in _FLOAT_DTYPES:
         return f"activation dtype {x.dtype} is not supported (bf16, fp16, fp32)"
     if call.out_dtype not in _FLOAT_DTYPES:
         return f"output dtype {call.out_dtype} is not supported (bf16, fp16, fp32)"
@@ -115,7 +121,14 @@ def check(call: LinearCall) -> Optional[str]:
             return f"LoRA operands must share one of bf16/fp16/fp32 (got {t.dtype}, {b.dtype})"
         if t.device != x.device or b.device != x.device:
             return "LoRA operands are on another device"
-    if call.rot_kind:
+    if call.residual is not None:
+        r, g = call.residual, call.gate
+        if tuple(r.shape) != (call.m, call.n) or r.stride(1) != 1 or r.dtype not in _FLOAT_DTYPES or r.device != x.device:
+            return f"residual must be a float [M, N] tensor with unit stride along N on {x.device}"
+        if g is not None and (g.dim() != 3 or g.shape[-1] != call.n or g.stride(-1) != 1 or g.device != x.device
+                              or g.dtype not in _FLOAT_DTYPES):
+            return "gate must be a float [B, G, N] tensor with unit stride along N"
+    if call.rot_kind and not call.prequantized:
         from .triton_quant import rotation_unsupported
         reason = rotation_unsupported(ROT_KINDS[call.rot_kind], call.rot_group, call.k)
         if reason:
@@ -155,11 +168,8 @@ def triton_int8_linear(call: LinearCall) -> torch.Tensor:
         dev = x.device
         if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
-                xq, sx = quant(x, rot, call.rot_group, call.signs, call.input_scale)
-                return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype, lora_t=call.lora_t,
-                            lora_b=call.lora_b)
-        xq, sx = quant(x, rot, call.rot_group, call.signs, call.input_scale)
-        return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype, lora_t=call.lora_t, lora_b=call.lora_b)
+                return _run(call, quant, gemm, rot, scale)
+        return _run(call, quant, gemm, rot, scale)
     except Exception as exc:
         if not _looks_like_compile_failure(exc):
             raise
@@ -169,6 +179,15 @@ def triton_int8_linear(call: LinearCall) -> torch.Tensor:
         log.error("INT8 layer %s: %s; this layer shape now uses the torch reference", call.name or "?", reason)
         from .registry import REFERENCE
         return REFERENCE.run(call)
+
+
+def _run(call: LinearCall, quant, gemm, rot: str, scale: torch.Tensor) -> torch.Tensor:
+    if call.prequantized:
+        xq, sx = call.x, call.sx
+    else:
+        xq, sx = quant(call.x, rot, call.rot_group, call.signs, call.input_scale)
+    return gemm(xq, call.qdata, sx, scale, call.bias, call.out_dtype, lora_t=call.lora_t, lora_b=call.lora_b,
+                act=call.act, residual=call.residual, gate=call.gate, seq=call.seq, per=call.per)
 
 
 def _looks_like_compile_failure(exc: Exception) -> bool:

@@ -106,14 +106,43 @@ def _dequant_tile(acc, acc_f, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MOD
 
 
 @triton.jit
+def _gelu_tanh(y):
+    """GELU, tanh approximation (torch's approximate="tanh"), in fp32; tanh(u) = 1 - 2 / (exp(2u) + 1) saturates
+    cleanly at both ends."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * tl.minimum(u, 20.0)) + 1.0))   # u > 20: tanh is 1 in fp32
+
+
+@triton.jit
+def _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg,
+              ACT: tl.constexpr, RES: tl.constexpr):
+    """The block epilogue after bias and LoRA, in fp32: ACT 1 = GELU (tanh); RES 1 = `res + y * gate[row]`
+    (Wan's gated residual; row m is token m % SEQ of batch m // SEQ, gate row (m // SEQ, (m % SEQ) // PER)),
+    RES 2 = `res + y`."""
+    if ACT == 1:
+        y = _gelu_tanh(y)
+    if RES > 0:
+        r = tl.load(res_ptr + offs_am[:, None] * stride_rm + offs_bn[None, :]).to(tl.float32)
+        if RES == 1:
+            bi = offs_am // SEQ
+            grow = bi * stride_gb + ((offs_am - bi * SEQ) // PER) * stride_gg
+            y = r + y * tl.load(gate_ptr + grow[:, None] + offs_bn[None, :]).to(tl.float32)
+        else:
+            y = r + y
+    return y
+
+
+@triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
                       t_ptr, lb_ptr, R, stride_tm, stride_lbn,
+                      res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg,
                       SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, FOLD: tl.constexpr = 0,
                       HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16, R_CHUNK: tl.constexpr = 16,
-                      EVEN_R: tl.constexpr = True, LORA_F32: tl.constexpr = 0):
+                      EVEN_R: tl.constexpr = True, LORA_F32: tl.constexpr = 0, ACT: tl.constexpr = 0,
+                      RES: tl.constexpr = 0):
     """FOLD (group scales): 0 int->float by conversion; 1 exact magic-number conversion (needs GROUP_K <= 256:
     a group's partial |sum| <= 256*128*127 < 2^22); 2 as 1, deferred by one K step so the fold of step k
     overlaps the (async wgmma) dot of step k+1 (BLOCK_K == GROUP_K only)."""
@@ -178,6 +207,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
         y = _dequant_tile(acc, acc, sw_ptr, sx_ptr, bias_ptr, offs_am, offs_bn, SW_MODE, HAS_BIAS, BLOCK_N)
     if HAS_LORA:
         y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R, LORA_F32)
+    if ACT != 0 or RES != 0:
+        y = _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg, ACT, RES)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -197,13 +228,15 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
                                  t_ptr, lb_ptr, R, stride_tm, stride_lbn,
+                                 res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg,
                                  SW_MODE: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, USE_TMA: tl.constexpr,
                                  FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr, FOLD: tl.constexpr = 0,
                                  EPI: tl.constexpr = 0, HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16,
                                  R_CHUNK: tl.constexpr = 16, EVEN_R: tl.constexpr = True,
-                                 LORA_F32: tl.constexpr = 0, LORA_TMA: tl.constexpr = False):
+                                 LORA_F32: tl.constexpr = 0, LORA_TMA: tl.constexpr = False,
+                                 ACT: tl.constexpr = 0, RES: tl.constexpr = 0):
     """Persistent variant: NUM_SMS programs loop over the output tiles (grouped order).  USE_TMA: operands
     (and the output) through device-side tensor descriptors (Hopper TMA; needs contiguous K-major a and b, K
     and N*elem 16-byte aligned, and `triton.set_allocator`); else pointer loads (any strides, interpreter).
@@ -274,6 +307,8 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
         elif HAS_LORA:
             y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R,
                           LORA_F32)
+        if ACT != 0 or RES != 0:
+            y = _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg, ACT, RES)
         if USE_TMA and EPI == 0:
             c_desc.store([off_m, off_n], y.to(c_ptr.dtype.element_ty))
         elif USE_TMA and EPI == 1:
@@ -426,7 +461,7 @@ def _kernel(arch: str, small: bool, group: int, mid: bool = False, persistent: b
                 c.setdefault("EPI", 0)
             c.setdefault("FOLD", fold_default(group))
             configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
-        keys = ["M_BUCKET", "N", "K", "SW_MODE", "GROUP_K", "HAS_BIAS", "HAS_LORA", "R_PAD"]
+        keys = ["M_BUCKET", "N", "K", "SW_MODE", "GROUP_K", "HAS_BIAS", "HAS_LORA", "R_PAD", "ACT", "RES"]
         if persistent:
             fn = triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": _prune_configs},
                                  **_autotune_kwargs())(_int8_gemm_persistent_kernel)
@@ -509,11 +544,16 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
               out: Optional[torch.Tensor] = None, variant: Optional[str] = None,
               config: Optional[dict] = None, lora_t: Optional[torch.Tensor] = None,
-              lora_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+              lora_b: Optional[torch.Tensor] = None, act: int = 0, residual: Optional[torch.Tensor] = None,
+              gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
     """`(a [M, K] int8) · (b [N, K] int8)ᵀ * sx[M] * sw (+ bias) (+ lora_t · lora_bᵀ)` -> `[M, N]` in `out_dtype`.
 
     `lora_t [M, R]`, `lora_b [N, R]` (same float dtype; a stacked LoRA's down-projected, strength-scaled input
     and its up-projection): added in fp32 in the epilogue, before the one cast and store (see `_lora_add`).
+
+    Block epilogue (`_post_ops`, after the LoRA term, in fp32): `act` 1 applies GELU (tanh); `residual [M, N]`
+    (unit stride along N) gives `residual + y * gate[row]` with `gate [B, G, N]` (unit stride along N; row m is
+    token m % seq of batch m // seq, gate row (m // seq, (m % seq) // per)), or `residual + y` without a gate.
 
     `variant`: "ptr" (grid of tiles, pointer loads), "persistent" (persistent, pointer loads) or "tma"
     (persistent, tensor descriptors); default: "tma" where PERSISTENT_DEFAULT and supported, else "ptr".
@@ -565,13 +605,32 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         if lora_b.stride(1) != 1:
             lora_b = lora_b.contiguous()
     if k == 0:
-        c.zero_()
+        y = torch.zeros((m, n), dtype=torch.float32, device=a.device)
         if bias is not None:
-            c += bias.to(c.dtype)
+            y += bias.float()
         if has_lora:
-            c += (lora_t.float() @ lora_b.float().t()).to(c.dtype)
+            y += lora_t.float() @ lora_b.float().t()
+        from ..quant.int8 import block_epilogue_reference
+        c.copy_(block_epilogue_reference(y, act, residual, gate, seq, per))
         return c
     has_bias = bias is not None
+    res_mode = 0 if residual is None else 1 if gate is not None else 2
+    if res_mode:
+        if tuple(residual.shape) != (m, n) or residual.stride(1) != 1:
+            raise ValueError(f"residual must be [M={m}, N={n}] with unit stride along N, got {tuple(residual.shape)} "
+                             f"strides {residual.stride()}")
+        seq = seq or m
+        per = per or seq
+        if res_mode == 1:
+            if gate.dim() != 3 or gate.shape[-1] != n or gate.stride(-1) != 1 or m % seq \
+                    or gate.shape[0] != m // seq or gate.shape[1] < (seq + per - 1) // per:
+                raise ValueError(f"gate must be [B={m // max(seq, 1)}, G, N={n}] (G groups of {per} of {seq} tokens) "
+                                 f"with unit stride along N, got {tuple(gate.shape)} strides {gate.stride()}")
+            rest = (residual, gate, residual.stride(0), seq, per, gate.stride(0), gate.stride(1))
+        else:
+            rest = (residual, residual, residual.stride(0), seq, per, 0, 0)
+    else:
+        rest = (sx, sx, 0, 1, 1, 0, 0)
     mb = min(1 << max(0, (m - 1).bit_length()), M_BUCKET_CAP)   # m_bucket(m), inlined (hot path)
     sa0, sa1 = a.stride()
     sb0, sb1 = b.stride()
@@ -584,10 +643,11 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
                 and lt.data_ptr() % 16 == 0 and lb.data_ptr() % 16 == 0)   # [4]: TMA-loadable
     else:
         lt, lb, r, stm, slbn, lsig = sx, sx, 0, 0, 0, None
-    args = (a, b, c, sx, sw, bias_, m, n, k, mb, sa0, sa1, sb0, sb1, sc0, sc1, stride_sw, lt, lb, r, stm, slbn)
+    args = (a, b, c, sx, sw, bias_, m, n, k, mb, sa0, sa1, sb0, sb1, sc0, sc1, stride_sw, lt, lb, r, stm, slbn) + rest
+    esig = (act, res_mode) + ((rest[0].dtype, rest[1].dtype) + rest[5:] if res_mode else ())
     sig = (a.device, mb, n, k, sa0, sa1, sb0, sb1, sc0, sc1, c.dtype, mode, group, stride_sw,
            bias.dtype if has_bias else None, variant, None if config is None else tuple(sorted(config.items())),
-           a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and c.data_ptr() % 16 == 0, lsig)
+           a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and c.data_ptr() % 16 == 0, lsig, esig)
     plan = _PLANS.get(sig)
     if plan is not None:
         launcher, bm, bn, persistent = plan
@@ -600,9 +660,13 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         spec = (m == 1, m % 16 == 0, sx.data_ptr() % 16 == 0, sw.data_ptr() % 16 == 0,
                 bias_.data_ptr() % 16 == 0, bias_.dtype, sw.dtype, sx.dtype,
                 lt.data_ptr() % 16 == 0, lb.data_ptr() % 16 == 0)
+        if res_mode:   # the residual's row stride and the token mapping vary per call
+            spec += (rest[0].data_ptr() % 16 == 0, rest[1].data_ptr() % 16 == 0) + \
+                tuple((v == 1, v % 16 == 0) for v in rest[2:5])
         launcher.keyed(spec, (tiles, 1, 1), args)
         return c
-    _PLANS[sig] = _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig)
+    _PLANS[sig] = _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig,
+                              dict(ACT=act, RES=res_mode))
     return c
 
 
@@ -643,7 +707,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return configs
 
 
-def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig):
+def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig, epi):
     """Resolve the variant and configuration for one call signature (autotuning if needed), run the call, and
     return the plan later calls of the signature launch directly."""
     from .triton_launch import Launcher
@@ -667,7 +731,7 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsi
         def pgrid(meta):
             return (max(1, min(nsm, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))),)
         fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, NUM_SMS=nsm, USE_TMA=use_tma,
-                     **lora_constexprs(lsig, use_tma))
+                     **lora_constexprs(lsig, use_tma), **epi)
         if config is not None:
             cfg = dict(config)
             cfg.setdefault("FLATTEN", False)
@@ -689,7 +753,7 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsi
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, **lora_constexprs(lsig, False))
+    fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, **lora_constexprs(lsig, False), **epi)
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("FOLD", fold_default(group))

@@ -193,3 +193,28 @@ def _gemm_dequant(xq: torch.Tensor, sx: torch.Tensor, weight: Int8Weight, bias: 
     if bias is not None:
         y = y + bias.to(device=y.device, dtype=torch.float32)
     return y
+
+
+def gated_rows(gate: torch.Tensor, m: int, seq: int, per: int) -> torch.Tensor:
+    """`gate [B, G, N]` expanded to one row per token `[M, N]`: token m is `m % seq` of batch `m // seq`, its row
+    `(m // seq, (m % seq) // per)` (ComfyUI's `repeat_e` of a per-frame modulation; G = 1: one row per batch)."""
+    rows = torch.arange(m, device=gate.device)
+    return gate[rows // seq, (rows % seq) // per]
+
+
+def block_epilogue_reference(y: torch.Tensor, act: int = 0, residual: Optional[torch.Tensor] = None,
+                             gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
+    """The block epilogue after bias and LoRA on `y [M, N]` (in y's float dtype): act 1 = GELU (tanh), then
+    `residual + y * gate[row]` (or `residual + y` without a gate).  The contract of the GEMM's `_post_ops`."""
+    if act == 1:
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    elif act:
+        raise ValueError(f"unknown activation {act}")
+    if residual is not None:
+        res = residual.to(y.dtype)
+        if gate is not None:
+            seq = seq or y.shape[0]
+            y = res + y * gated_rows(gate, y.shape[0], seq, per or seq).to(y.dtype)
+        else:
+            y = res + y
+    return y
