@@ -120,6 +120,23 @@ class Int8Linear(KeepsStorageDtypes):
             y = lora.apply(x, y)
         return y
 
+    # The fused Wan block (wan_int8.fused) talks to INT8 layers through these two methods.
+    def int8_activation(self, x: torch.Tensor) -> Optional[tuple]:
+        """How this layer quantizes its input -- (rotation kind, group, signs) -- when it can take pre-quantized
+        per-token codes instead of x (one quantization shared by layers with the same key); None when it cannot
+        (a static input scale)."""
+        if self.input_scale is not None:
+            return None
+        return (self.rotation_kind, self.rotation_group, self.rotation_signs)
+
+    def int8_call(self, x: torch.Tensor, sx: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                  lora_t: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None, **epilogue) -> torch.Tensor:
+        """The INT8 op on x (or on pre-quantized codes x with scales sx) with a fused LoRA term and block epilogue
+        (`act`, `residual`, `gate`, `seq`, `per`: see `kernels.ops.int8_linear`); no LoRA slot handling."""
+        return int8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale, self.rotation_kind,
+                           self.rotation_group, self.rotation_signs, self.layer_name, lora_t=lora_t, lora_b=lora_b,
+                           sx=sx, out_dtype=out_dtype, **epilogue)
+
     def extra_repr(self) -> str:
         gran = {0: "tensor", 1: "row", 2: f"group{self.in_features // max(1, self.weight_scale.shape[-1])}"}
         text = f"in={self.in_features}, out={self.out_features}, scale={gran[self.weight_scale.dim()]}"

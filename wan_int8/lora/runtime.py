@@ -360,6 +360,13 @@ class LayerLora:
         ts, fused = state
         return self._add(x, y, ts, low_rank=not fused)
 
+    @staticmethod
+    def fully_fused(state) -> bool:
+        """True when the op that received `fused_parts`' (t, B) did everything: `finish` would add nothing, so
+        the op may also apply what comes after the LoRA (the block epilogue: GELU, gated residual)."""
+        ts, fused = state
+        return fused and ts[4] is None
+
     def _add(self, x: torch.Tensor, y: torch.Tensor, ts, low_rank: bool) -> torch.Tensor:
         a, b, s, c, d = ts
         if not low_rank and d is None:

@@ -221,15 +221,40 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim, **kw))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim, **kw))
 
+    fused = False   # run `wan_int8.fused.fused_block_forward` where it can (WanModel.set_fused_blocks)
+
     def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
                 context_img_len: Optional[int] = None) -> torch.Tensor:
-        # e: [B, 1, 6, D] -> six [B, 1, D] (shift, scale, gate) x (attn, ffn), in the model dtype as ComfyUI
-        e = (self.modulation.to(x.dtype).unsqueeze(0) + e).unbind(2)
+        if self.fused:
+            from ..attention import log_once
+            from ..fused import fused_block_forward, fused_block_unavailable
+            why = fused_block_unavailable(self, x)
+            if why is None:
+                log_once("fused block on", logging.INFO, "wan-int8: Wan blocks run fused (norm+modulation+INT8 "
+                         "quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue)")
+                return fused_block_forward(self, x, e, freqs, context, context_img_len,
+                                           self.self_attn.attention_fn, self.cross_attn.attention_fn)
+            log_once(f"fused block off: {why}", logging.INFO, "wan-int8: fused Wan block not used (%s); the "
+                     "unfused block runs", why)
+        # e: [B, G, 6, D] -> six [B, G, D] (shift, scale, gate) x (attn, ffn), in the model dtype as ComfyUI;
+        # G > 1 (per-frame timesteps, Wan 2.2 TI2V) is spread over the tokens as ComfyUI's repeat_e
+        e = [repeat_e(p, x) for p in (self.modulation.to(x.dtype).unsqueeze(0) + e).unbind(2)]
         y = self.self_attn(torch.addcmul(e[0], self.norm1(x), 1 + e[1]), freqs)
         x = torch.addcmul(x, y, e[2])
         x = x + self.cross_attn(self.norm3(x), context, context_img_len=context_img_len)
         y = self.ffn(torch.addcmul(e[3], self.norm2(x), 1 + e[4]))
         return torch.addcmul(x, y, e[5])
+
+
+def repeat_e(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's `repeat_e`: a modulation `[B, G, D]` with G > 1 rows repeated to cover x's L tokens (each row
+    L // G times, or L // G + 1 times cut to L when G does not divide L)."""
+    if e.size(1) <= 1:
+        return e
+    repeats = x.size(1) // e.size(1)
+    if repeats * e.size(1) == x.size(1):
+        return torch.repeat_interleave(e, repeats, dim=1)
+    return torch.repeat_interleave(e, repeats + 1, dim=1)[:, :x.size(1)]
 
 
 class Head(nn.Module):
@@ -293,6 +318,11 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.self_attn.attention_fn = fn or attention
             block.cross_attn.attention_fn = (fn if cross else None) or attention
+
+    def set_fused_blocks(self, enabled: bool = True) -> None:
+        """Run every block through the fused passes (`wan_int8.fused`) where they can run, else as before."""
+        for block in self.blocks:
+            block.fused = bool(enabled)
 
     def rope(self, grid: Sequence[int], device) -> torch.Tensor:
         """RoPE for a token grid, cached: built on the CPU in float64, so worth not redoing every step."""
