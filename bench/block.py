@@ -4,7 +4,10 @@
     python bench/block.py --cpu-smoke      # no GPU: a tiny block, torch references, exits 0
 
 Variants: bf16 (PyTorch block, SDPA attention); INT8 linears (our op, per-token x per-channel, eager);
-+ INT8 attention (P·V fp8); + INT8 attention (P·V 16-bit).  Fused norm/modulation/GELU passes are not built yet.
++ INT8 attention (P·V fp8); + INT8 attention (P·V 16-bit); each INT8 variant also with the fused block
+(`wan_int8.fused`: norm+modulation+quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue).
+RoPE in the unfused blocks: comfy-kitchen's Triton `apply_rope1` when importable (what ComfyUI runs; put its
+Python files on PYTHONPATH, e.g. the ignored `.ck/` folder), else the model's torch RoPE (the table says which).
 The block is `wan_int8.models.wan.WanAttentionBlock` (ComfyUI's math: fp32-free modulation in the model dtype)
 with nn.Linear default init, norms at 1, modulation N(0, 0.1); x ~ N(0, 1); 512 text tokens; RoPE for the
 latent grid.  Accuracy: cosine and relative L2 error of the block output against the bf16 block's output.
@@ -58,11 +61,24 @@ class OneBlock(nn.Module):
         return self.blocks[0](*args)
 
 
+def use_comfy_kitchen_rope() -> str:
+    """Make the unfused blocks use comfy-kitchen's Triton RoPE (ComfyUI's) when it is importable."""
+    try:
+        from comfy_kitchen.backends.triton.rope import apply_rope1
+    except Exception as exc:   # not installed: the model's own torch RoPE
+        return f"torch (comfy-kitchen not importable: {type(exc).__name__})"
+    import wan_int8.models.wan as wan
+    wan.apply_rope = lambda x, freqs: apply_rope1(x, freqs)
+    return "comfy-kitchen Triton apply_rope1"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--cases", default="", help="comma list of case names (default: all)")
+    ap.add_argument("--variants", default="", help="comma list of variant labels to run (substring match)")
     args = ap.parse_args(argv)
+    rope_name = use_comfy_kitchen_rope()
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     device = torch.device("cuda" if cuda else "cpu")
     cases = CASES if cuda else SMOKE
@@ -85,15 +101,21 @@ def main(argv=None):
         attn_kind = "triton" if cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
         q8 = copy.deepcopy(base)
         quantize_model(q8, family_rules("wan"))
-        variants = [("bf16 (SDPA)", base, None), ("INT8 linears", q8, None)]
+        variants = [("bf16 (SDPA)", base, None, False), ("INT8 linears", q8, None, False),
+                    ("INT8 linears, fused block", q8, None, True)]
         for label, pv in (("INT8 linears + INT8 attn (fp8 P·V)", "fp8"),
                           ("INT8 linears + INT8 attn (16-bit P·V)", "fp16")):
-            variants.append((label, q8, heads_attention(AttentionConfig(pv=pv, backend=attn_kind))))
+            attn = heads_attention(AttentionConfig(pv=pv, backend=attn_kind))
+            variants += [(label, q8, attn, False), (label + ", fused block", q8, attn, True)]
+        if args.variants:
+            keep = args.variants.split(",")
+            variants = variants[:1] + [v for v in variants[1:] if any(k in v[0] for k in keep)]
         with torch.no_grad():
             ref = base(x, e, freqs, ctx).float()
             base_ms = None
-            for label, model, attn in variants:
+            for label, model, attn, fused in variants:
                 model.set_attention(attn or sdpa_heads)
+                model.blocks[0].fused = fused
                 try:
                     out = model(x, e, freqs, ctx).float()
                     cos, rel = cosine(out, ref), rel_error(out, ref)
@@ -109,7 +131,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
     dev = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU"
     import triton
-    print(f"\n{dev}, torch {torch.__version__}, Triton {triton.__version__}, eager, bf16 activations\n")
+    print(f"\n{dev}, torch {torch.__version__}, Triton {triton.__version__}, eager, bf16 activations, "
+          f"RoPE in unfused blocks: {rope_name}\n")
     print("| block | L | variant | ms | x bf16 | cosine | rel err | note |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

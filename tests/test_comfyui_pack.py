@@ -333,7 +333,8 @@ def test_pack_registers_nodes_without_touching_the_gpu(comfy):
     cuda_before = torch.cuda.is_initialized()    # True when earlier GPU tests in this process used CUDA
     spec.loader.exec_module(pack)
     assert set(pack.NODE_CLASS_MAPPINGS) == {"WanVideoINT8Loader", "WanLoRALoaderINT8", "WanLoRALoaderWithCLIPINT8",
-                                             "WanLoRAStackINT8", "WanINT8ModelSaver", "WanINT8Attention"}
+                                             "WanLoRAStackINT8", "WanINT8ModelSaver", "WanINT8Attention",
+                                             "WanINT8FusedBlocks"}
     assert torch.cuda.is_initialized() == cuda_before   # importing the pack initialised nothing
 
 
@@ -576,3 +577,40 @@ def test_int8_attention_node_per_model(comfy, files, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="wan_int8"):
         got = Int8AttentionOverride()(lambda *a, **k: sentinel, q, q, q, 2, mask=torch.ones(8, 8))
     assert got is sentinel and "an attention mask was given" in caplog.text
+
+
+def test_fused_blocks_node_per_model(comfy, files, monkeypatch, caplog):
+    """The node runs this clone's Wan blocks through the fused block (ComfyUI's own modules, our INT8 linears),
+    leaves the original model alone, undoes itself, and hands blocks with attention patches back to ComfyUI."""
+    import functools
+    import logging
+    from wan_int8 import fused
+    from wan_int8.comfy.nodes import WanINT8FusedBlocks
+    if os.environ.get("WAN_INT8_COMFY_DEVICE", "cpu") == "cpu":   # no Triton here: the torch references run
+        monkeypatch.setattr(fused, "fused_block_unavailable",
+                            functools.partial(fused.fused_block_unavailable, need_kernels=False))
+    calls = []
+    real = fused.fused_block_forward
+    monkeypatch.setattr(fused, "fused_block_forward", lambda block, x, *a, **k: calls.append(x.shape) or
+                        real(block, x, *a, **k))
+    for rotation in ("off", "on"):
+        base = _loader_node("tiny_bf16.safetensors", rotation=rotation)
+        ref = _run_opts(comfy, base)
+        with caplog.at_level(logging.INFO, logger="wan_int8"):
+            fast = WanINT8FusedBlocks().apply(base, True)[0]
+            out = _run_opts(comfy, fast)
+        assert len(calls) == 2, calls                       # both blocks
+        err = _rel(out, ref)
+        print(f"fused vs ComfyUI's block, same INT8 model (rotation {rotation}): rel {err:.3e}")
+        assert err < 1e-2
+        assert "Wan blocks run fused" in caplog.text
+        calls.clear()
+        assert torch.equal(_run_opts(comfy, base), ref) and not calls   # the original keeps ComfyUI's block
+        off = WanINT8FusedBlocks().apply(fast, False)[0]
+        assert torch.equal(_run_opts(comfy, off), ref) and not calls
+    # an attn1_patch: ComfyUI's block, the reason logged
+    patched = fast.clone()
+    patched.set_model_attn1_patch(lambda d: d["x"])
+    with caplog.at_level(logging.INFO, logger="wan_int8"):
+        _run_opts(comfy, patched)
+    assert not calls and "attn1_patch" in caplog.text

@@ -264,6 +264,30 @@ class WanINT8Attention:
         return (apply_int8_attention(model, pv, self_only=self_attention_only),)
 
 
+class WanINT8FusedBlocks:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "fused_blocks": ("BOOLEAN", {"default": True, "tooltip": (
+                "run each Wan block with fused passes: LayerNorm + modulation + INT8 quantization in one pass "
+                "shared by q/k/v, RMSNorm + RoPE in one pass, GELU and the gated residual inside the INT8 GEMM. "
+                "Same function as ComfyUI's block, fewer trips through memory (bench/RESULTS.md); blocks it cannot "
+                "serve (Wan 2.1 i2v, attention patches, lowvram weight patches) run ComfyUI's block and the log "
+                "says why.")}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Runs this Wan model's blocks through wan-int8's fused block (per model; other models and clones "
+                   "keep ComfyUI's block). Combine with the INT8 loader and, optionally, Wan INT8 Attention.")
+
+    def apply(self, model, fused_blocks=True):
+        from .fused import apply_fused_blocks, remove_fused_blocks
+        return ((apply_fused_blocks if fused_blocks else remove_fused_blocks)(model),)
+
+
 NODE_CLASS_MAPPINGS = {
     "WanVideoINT8Loader": WanVideoINT8Loader,
     "WanLoRALoaderINT8": WanLoRALoaderINT8,
@@ -271,6 +295,7 @@ NODE_CLASS_MAPPINGS = {
     "WanLoRAStackINT8": WanLoRAStackINT8,
     "WanINT8ModelSaver": WanINT8ModelSaver,
     "WanINT8Attention": WanINT8Attention,
+    "WanINT8FusedBlocks": WanINT8FusedBlocks,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WanVideoINT8Loader": "Wan Video Loader (INT8)",
@@ -279,4 +304,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WanLoRAStackINT8": "Wan LoRA Stack (INT8)",
     "WanINT8ModelSaver": "Save Model (wan-int8 native INT8)",
     "WanINT8Attention": "Wan INT8 Attention",
+    "WanINT8FusedBlocks": "Wan INT8 Fused Blocks",
 }

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..kernels.ops import int8_linear
-from ..quant.int8 import dequantize, quantize_weight
+from ..quant.int8 import block_epilogue_reference, dequantize, quantize_weight
 from ..quant.types import Int8Weight, Rotation
 
 log = logging.getLogger("wan_int8.comfy")
@@ -245,19 +245,44 @@ def make_int8_ops(compute_dtype: torch.dtype = torch.bfloat16, comfy=None):
                     y = lora.apply(input, y)
                 return y
 
-            def _forward_int8(self, x, lora_t=None, lora_b=None):
+            # The fused Wan block (wan_int8.fused) talks to INT8 layers through these two methods.
+            def int8_activation(self, x):
+                """(rotation kind, group, signs) of the per-token activation the INT8 path quantizes x with, when
+                it can take pre-quantized codes; None when it cannot (not running INT8 now, static input scale,
+                a transposed weight)."""
+                if not self._runs_int8(x) or getattr(self, "wan_input_scale", None) is not None:
+                    return None
+                p = self.weight._params
+                if getattr(p, "transposed", False):
+                    return None
+                rot = int(p.convrot_groupsize) if self.layout_type == NATIVE_LAYOUT and p.convrot else \
+                    int(getattr(p, "rotation_group", 0) or 0)
+                return ("regular" if rot else "none", rot, None)
+
+            def int8_call(self, x, sx=None, out_dtype=None, lora_t=None, lora_b=None, **epilogue):
+                """The INT8 op (see `Int8Linear.int8_call`); call only when `int8_activation(x)` said it runs."""
+                return self._forward_int8(x, lora_t, lora_b, sx=sx, out_dtype=out_dtype, **epilogue)
+
+            def _forward_int8(self, x, lora_t=None, lora_b=None, sx=None, out_dtype=None, **epilogue):
+                dtype = out_dtype or x.dtype
                 weight, bias, offload_stream = cops.cast_bias_weight(
-                    self, input=None, dtype=self.weight.dtype, device=x.device, bias_dtype=x.dtype,
-                    offloadable=True, compute_dtype=x.dtype, want_requant=True)
+                    self, input=None, dtype=self.weight.dtype, device=x.device, bias_dtype=dtype,
+                    offloadable=True, compute_dtype=dtype, want_requant=True)
                 try:
-                    if not isinstance(weight, QuantizedTensor):
-                        # ComfyUI handed back a float weight (its CPU path for dynamic-VRAM modules)
-                        return _plus_lora(torch.nn.functional.linear(x, weight.to(x.dtype), bias), lora_t, lora_b)
-                    qdata, p = weight._qdata, weight._params
+                    qdata, p = (weight._qdata, weight._params) if isinstance(weight, QuantizedTensor) else (None, None)
+                    if qdata is None or getattr(p, "transposed", False):
+                        # ComfyUI handed back a float weight (its CPU path for dynamic-VRAM modules), or a layout
+                        # our kernels do not read: the float matmul, then whatever the op would have added
+                        if sx is not None:
+                            raise RuntimeError(f"INT8 layer {self.wan_int8_name or '?'}: ComfyUI gave a float weight "
+                                               "to a call with pre-quantized input")
+                        w = weight.to(x.dtype) if qdata is None else weight.dequantize().t().to(x.dtype)
+                        y = _plus_lora(torch.nn.functional.linear(x, w, bias), lora_t, lora_b)
+                        if epilogue:
+                            y = block_epilogue_reference(y.reshape(-1, y.shape[-1]).float(), **epilogue).to(
+                                y.dtype).reshape(y.shape)
+                        return y
                     scale = p.scale
-                    if getattr(p, "transposed", False):
-                        return _plus_lora(torch.nn.functional.linear(x, weight.dequantize().t().to(x.dtype), bias),
-                                          lora_t, lora_b)
                     if self.layout_type == NATIVE_LAYOUT:
                         scale = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
                         rot_group = int(p.convrot_groupsize) if p.convrot else 0
@@ -267,7 +292,8 @@ def make_int8_ops(compute_dtype: torch.dtype = torch.bfloat16, comfy=None):
                     if input_scale is not None and input_scale.device != x.device:
                         input_scale = input_scale.to(x.device)
                     return int8_linear(x, qdata, scale, bias, input_scale, "regular" if rot_group else "none",
-                                       rot_group, None, self.wan_int8_name, lora_t=lora_t, lora_b=lora_b)
+                                       rot_group, None, self.wan_int8_name, lora_t=lora_t, lora_b=lora_b, sx=sx,
+                                       out_dtype=out_dtype, **epilogue)
                 finally:
                     cops.uncast_bias_weight(self, weight, bias, offload_stream)
 
