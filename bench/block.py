@@ -119,7 +119,7 @@ def main(argv=None):
                 try:
                     out = model(x, e, freqs, ctx).float()
                     cos, rel = cosine(out, ref), rel_error(out, ref)
-                    ms = bench_ms(lambda: model(x, e, freqs, ctx), cuda, warmup=3, rep=30)
+                    ms = bench_ms(lambda: model(x, e, freqs, ctx), cuda)
                     base_ms = base_ms or ms
                     rows.append((name, seq, label, ms, base_ms / ms, cos, rel, ""))
                     log(f"{name}: {label} {ms:.2f} ms cos {cos:.6f}")

@@ -317,3 +317,44 @@ def test_gemm_block_epilogue_big_m_gpu(variant):
         out = int8_gemm(xq, w.qdata, sx, w.scale, bias, torch.bfloat16, variant=variant, **epi)
         ref = block_epilogue_reference(_gemm_dequant(xq, sx, w, bias).double(), **epi)
         close_to_ulp(out, ref.to(torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("halves", [False, True])
+def test_gemm_block_epilogue_tma_halves(halves, monkeypatch):
+    """The persistent TMA kernel with the half-tile stores (EPI=1): the block epilogue on the whole tile, or per
+    stored half (POST_HALVES); ragged N so the second half is partly outside."""
+    from wan_int8.kernels import triton_gemm
+    if triton_gemm.tma_supported(torch.device(DEVICE)) is not None:
+        pytest.skip("no TMA here")
+    monkeypatch.setattr(triton_gemm, "POST_HALVES", halves)
+    monkeypatch.setattr(triton_gemm, "_PLANS", {})   # plans are per process: decide again with this setting
+    w, x, bias, res, gate = _linear_case(m=40, k=64, n=56, seed=8)
+    xq, sx = quantize_activation(x)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1, EPI=1)
+    for epi in (dict(act=1), dict(residual=res, gate=gate, seq=40, per=20)):
+        out = triton_gemm.int8_gemm(xq, w.qdata, sx, w.scale, bias, torch.bfloat16, variant="tma", config=cfg, **epi)
+        ref = block_epilogue_reference(_gemm_dequant(xq, sx, w, bias).double(), **epi)
+        close_to_ulp(out, ref.to(torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("seq,per,groups", [(300, 300, 1), (600, 300, 2), (520, 260, 2)])
+def test_gemm_gated_residual_two_row_gate(seq, per, groups, monkeypatch):
+    """The TMA half-tile epilogue with the residual through a descriptor and the gate as two row vectors
+    (GATE_TWO: runs of >= 256 rows per gate row), across batch and gate-row boundaries inside tiles."""
+    from wan_int8.kernels import triton_gemm
+    if triton_gemm.tma_supported(torch.device(DEVICE)) is not None:
+        pytest.skip("no TMA here")
+    monkeypatch.setattr(triton_gemm, "POST_HALVES", True)
+    monkeypatch.setattr(triton_gemm, "_PLANS", {})
+    g = torch.Generator().manual_seed(seq)
+    b, k, n = 2, 32, 64
+    m = b * seq
+    w = quantize_weight(0.05 * torch.randn(n, k, generator=g).to(DEVICE))
+    xq, sx = quantize_activation(torch.randn(m, k, generator=g).to(DEVICE))
+    res = torch.randn(m, n, generator=g).to(DEVICE, torch.bfloat16)
+    gate = torch.randn(b, groups, n, generator=g).to(DEVICE, torch.bfloat16)
+    cfg = dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1, EPI=1)
+    out = triton_gemm.int8_gemm(xq, w.qdata, sx, w.scale, None, torch.bfloat16, variant="tma", config=cfg,
+                                residual=res, gate=gate, seq=seq, per=per)
+    ref = block_epilogue_reference(_gemm_dequant(xq, sx, w, None).double(), residual=res, gate=gate, seq=seq, per=per)
+    close_to_ulp(out, ref.to(torch.bfloat16), torch.bfloat16)

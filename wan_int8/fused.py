@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .quant.int8 import block_epilogue_reference, gated_rows, quantize_activation
+from .quant.int8 import gated_rows, quantize_activation
 
 log = logging.getLogger("wan_int8")
 
@@ -164,10 +164,24 @@ def _quantize_rotated(y: torch.Tensor, key: tuple):
     return quantize_activation(y, Rotation(kind, group, signs))
 
 
+def residual_fusion_pays(x: torch.Tensor) -> bool:
+    """Whether the gated residual belongs in the GEMM epilogue: on Hopper at M > 1024 the GEMM is the persistent
+    TMA kernel, which loads the residual tile through a tensor descriptor per stored half (measured: costs the
+    GEMM nothing for a plain residual, saves the separate addcmul pass).  The pointer-load epilogue of the other
+    kernels made the GEMM slower than the pass it saves (H100, bench/fused_parts.py), so there it stays in torch."""
+    if not x.is_cuda or x.shape[0] <= 1024:
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def run_linear(module, inp: _Input, out_dtype: torch.dtype, act: int = 0, residual: Optional[torch.Tensor] = None,
                gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
     """`module`'s output for `inp` followed by the block epilogue (GELU / residual + y * gate), fused into the INT8
-    GEMM where the layer runs INT8 and its LoRA (if any) fuses completely; otherwise in torch after it."""
+    GEMM where the layer runs INT8 and its LoRA (if any) fuses completely; otherwise in torch after it (the
+    residual also where `residual_fusion_pays` says no)."""
+    rows = inp.x if inp.x is not None else inp.xq
+    if residual is not None and rows.device.type == "cuda" and not residual_fusion_pays(rows):
+        return epilogue_torch(run_linear(module, inp, out_dtype, act), 0, residual, gate, seq, per)
     epi = dict(act=act, residual=residual, gate=gate, seq=seq, per=per) if act or residual is not None else {}
     key = _key_of(module, inp.x if inp.x is not None else inp.xq)
     if key is not None:
@@ -189,7 +203,25 @@ def run_linear(module, inp: _Input, out_dtype: torch.dtype, act: int = 0, residu
         y = module(inp.x)
     if not epi:
         return y
-    return block_epilogue_reference(y.float(), **epi).to(out_dtype)
+    return epilogue_torch(y, **epi)
+
+
+def epilogue_torch(y: torch.Tensor, act: int = 0, residual: Optional[torch.Tensor] = None,
+                   gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
+    """The block epilogue as ComfyUI computes it (GELU, then `addcmul(x, y, gate)` in the model dtype, the gate
+    spread over the tokens by `repeat_e`): for layers whose GEMM does not apply it."""
+    from .models.wan import repeat_e
+    if act:
+        y = F.gelu(y, approximate="tanh")
+    if residual is None:
+        return y
+    n = y.shape[-1]
+    if gate is None:
+        return residual + y
+    seq = seq or y.shape[0]
+    b = y.shape[0] // seq
+    y3, r3 = y.reshape(b, seq, n), residual.reshape(b, seq, n)
+    return torch.addcmul(r3, y3, repeat_e(gate, y3)).reshape(b * seq, n)
 
 
 # -- the block ------------------------------------------------------------------------------------------------

@@ -133,6 +133,49 @@ def _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, strid
 
 
 @triton.jit
+def _gate_rows(gate_ptr, off_m, offs_am, offs_bn, M, SEQ, PER, stride_gb, stride_gg):
+    """The gate for the rows of a tile, when they span at most two gate rows (every run of tokens sharing a gate
+    row is at least BLOCK_M long): the row where the gate changes is found once per tile with scalar arithmetic,
+    then two vector loads and a per-row choice (no per-row division, no gather over the tile)."""
+    first = off_m.to(tl.int64)
+    b = first // SEQ
+    grp = (first - b * SEQ) // PER
+    change = b * SEQ + tl.minimum((grp + 1) * PER, SEQ)          # first row of the next gate row
+    r0 = b * stride_gb + grp * stride_gg
+    nb = change // SEQ                                           # the next gate row: next group, or next batch's first
+    r1 = nb * stride_gb + ((change - nb * SEQ) // PER) * stride_gg
+    g0 = tl.load(gate_ptr + r0 + offs_bn).to(tl.float32)
+    g1 = tl.load(gate_ptr + tl.where(change < M, r1, r0) + offs_bn).to(tl.float32)
+    return tl.where((offs_am < change)[:, None], g0[None, :], g1[None, :])
+
+
+@triton.jit
+def _post_half(y, r_desc, off_m, off_n, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb,
+               stride_gg, ACT: tl.constexpr, RES: tl.constexpr, RES_TMA: tl.constexpr, GATE_TWO: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """`_post_ops` for one stored half of a TMA tile: the residual through its own tensor descriptor (RES_TMA:
+    coalesced, straight to shared memory) and the gate as two row vectors (GATE_TWO)."""
+    if ACT == 1:
+        y = _gelu_tanh(y)
+    if RES > 0:
+        if RES_TMA:
+            r = r_desc.load([off_m, off_n]).to(tl.float32)
+        else:
+            r = tl.load(res_ptr + offs_am[:, None] * stride_rm + offs_bn[None, :]).to(tl.float32)
+        if RES == 1:
+            if GATE_TWO:
+                g = _gate_rows(gate_ptr, off_m, offs_am, offs_bn, M, SEQ, PER, stride_gb, stride_gg)
+            else:
+                bi = offs_am // SEQ
+                grow = bi * stride_gb + ((offs_am - bi * SEQ) // PER) * stride_gg
+                g = tl.load(gate_ptr + grow[:, None] + offs_bn[None, :]).to(tl.float32)
+            y = r + y * g
+        else:
+            y = r + y
+    return y
+
+
+@triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_sw,
                       t_ptr, lb_ptr, R, stride_tm, stride_lbn,
@@ -236,7 +279,8 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
                                  EPI: tl.constexpr = 0, HAS_LORA: tl.constexpr = False, R_PAD: tl.constexpr = 16,
                                  R_CHUNK: tl.constexpr = 16, EVEN_R: tl.constexpr = True,
                                  LORA_F32: tl.constexpr = 0, LORA_TMA: tl.constexpr = False,
-                                 ACT: tl.constexpr = 0, RES: tl.constexpr = 0):
+                                 ACT: tl.constexpr = 0, RES: tl.constexpr = 0, POST_HALVES: tl.constexpr = False,
+                                 RES_TMA: tl.constexpr = False, GATE_TWO: tl.constexpr = False):
     """Persistent variant: NUM_SMS programs loop over the output tiles (grouped order).  USE_TMA: operands
     (and the output) through device-side tensor descriptors (Hopper TMA; needs contiguous K-major a and b, K
     and N*elem 16-byte aligned, and `triton.set_allocator`); else pointer loads (any strides, interpreter).
@@ -257,6 +301,10 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
         elif EPI == 1:
             c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                                block_shape=[BLOCK_M, BLOCK_N // 2])
+    r_desc = None
+    if RES_TMA and USE_TMA and EPI == 1 and RES > 0:
+        r_desc = tl.make_tensor_descriptor(res_ptr, shape=[M, N], strides=[stride_rm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N // 2])
     if HAS_LORA and LORA_TMA:   # LoRA tiles straight to shared memory (no registers; TMA zero-fills past R, M, N)
         t_desc = tl.make_tensor_descriptor(t_ptr, shape=[M, R], strides=[stride_tm, 1], block_shape=[BLOCK_M, R_CHUNK])
         lb_desc = tl.make_tensor_descriptor(lb_ptr, shape=[N, R], strides=[stride_lbn, 1],
@@ -307,9 +355,22 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
         elif HAS_LORA:
             y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R,
                           LORA_F32)
-        if ACT != 0 or RES != 0:
+        HALVES: tl.constexpr = POST_HALVES and USE_TMA and EPI == 1 and (ACT != 0 or RES != 0)
+        if (ACT != 0 or RES != 0) and not HALVES:
             y = _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg, ACT, RES)
-        if USE_TMA and EPI == 0:
+        if HALVES:   # the block epilogue on each half of the tile as it is stored: half the residual registers
+            y3 = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            y0, y1 = tl.split(y3)
+            offs_h = off_n.to(tl.int64) + tl.arange(0, BLOCK_N // 2)
+            y0 = _post_half(y0, r_desc, off_m, off_n, offs_am, tl.where(offs_h < N, offs_h, 0), res_ptr, gate_ptr,
+                            stride_rm, M, SEQ, PER, stride_gb, stride_gg, ACT, RES, RES_TMA, GATE_TWO, BLOCK_M)
+            c_desc.store([off_m, off_n], y0.to(c_ptr.dtype.element_ty))
+            offs_h += BLOCK_N // 2
+            y1 = _post_half(y1, r_desc, off_m, off_n + BLOCK_N // 2, offs_am, tl.where(offs_h < N, offs_h, 0),
+                            res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb, stride_gg, ACT, RES, RES_TMA,
+                            GATE_TWO, BLOCK_M)
+            c_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(c_ptr.dtype.element_ty))
+        elif USE_TMA and EPI == 0:
             c_desc.store([off_m, off_n], y.to(c_ptr.dtype.element_ty))
         elif USE_TMA and EPI == 1:
             y3 = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -645,6 +706,10 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         lt, lb, r, stm, slbn, lsig = sx, sx, 0, 0, 0, None
     args = (a, b, c, sx, sw, bias_, m, n, k, mb, sa0, sa1, sb0, sb1, sc0, sc1, stride_sw, lt, lb, r, stm, slbn) + rest
     esig = (act, res_mode) + ((rest[0].dtype, rest[1].dtype) + rest[5:] if res_mode else ())
+    if res_mode:   # residual TMA-loadable (16-byte aligned rows); every run of rows sharing a gate row >= 256 long
+        r0, seq_, per_ = rest[0], rest[3], rest[4]
+        shortest = min(per_, seq_ - ((seq_ - 1) // per_) * per_)
+        esig += ((r0.stride(0) * r0.element_size()) % 16 == 0 and r0.data_ptr() % 16 == 0, shortest >= 256)
     sig = (a.device, mb, n, k, sa0, sa1, sb0, sb1, sc0, sc1, c.dtype, mode, group, stride_sw,
            bias.dtype if has_bias else None, variant, None if config is None else tuple(sorted(config.items())),
            a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and c.data_ptr() % 16 == 0, lsig, esig)
@@ -666,7 +731,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         launcher.keyed(spec, (tiles, 1, 1), args)
         return c
     _PLANS[sig] = _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig,
-                              dict(ACT=act, RES=res_mode))
+                              dict(ACT=act, RES=res_mode), esig[-2:] if res_mode else (False, False))
     return c
 
 
@@ -680,6 +745,12 @@ LORA_R_CHUNK_TMA = int(os.environ.get("WAN_INT8_LORA_R_CHUNK_TMA", "32"))
 # With FLATTEN, the pipeliner multi-buffers the epilogue's LoRA TMA loads (shared memory grows with R: 205 KB
 # at R=64, 329 KB at R=128): FLATTEN configs are dropped above this padded rank.
 LORA_FLATTEN_MAX_R = 64
+
+
+# Block epilogue (GELU / gated residual) of 128x256 TMA tiles applied per stored half (fewer live registers).
+POST_HALVES = os.environ.get("WAN_INT8_GEMM_POST_HALVES", "1") == "1"
+# ... with the residual tile through a tensor descriptor (needs POST_HALVES).
+RES_TMA_DEFAULT = os.environ.get("WAN_INT8_GEMM_RES_TMA", "1") == "1"
 
 
 def lora_constexprs(lsig: Optional[tuple], use_tma: bool) -> dict:
@@ -707,7 +778,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return configs
 
 
-def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig, epi):
+def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig, epi, res_flags):
     """Resolve the variant and configuration for one call signature (autotuning if needed), run the call, and
     return the plan later calls of the signature launch directly."""
     from .triton_launch import Launcher
@@ -731,7 +802,8 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsi
         def pgrid(meta):
             return (max(1, min(nsm, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]))),)
         fixed = dict(SW_MODE=mode, GROUP_K=group, HAS_BIAS=has_bias, NUM_SMS=nsm, USE_TMA=use_tma,
-                     **lora_constexprs(lsig, use_tma), **epi)
+                     **lora_constexprs(lsig, use_tma), **epi, POST_HALVES=POST_HALVES,
+                     RES_TMA=bool(res_flags[0] and use_tma and RES_TMA_DEFAULT), GATE_TWO=bool(res_flags[1]))
         if config is not None:
             cfg = dict(config)
             cfg.setdefault("FLATTEN", False)
