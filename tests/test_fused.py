@@ -358,3 +358,17 @@ def test_gemm_gated_residual_two_row_gate(seq, per, groups, monkeypatch):
                                 residual=res, gate=gate, seq=seq, per=per)
     ref = block_epilogue_reference(_gemm_dequant(xq, sx, w, None).double(), residual=res, gate=gate, seq=seq, per=per)
     close_to_ulp(out, ref.to(torch.bfloat16), torch.bfloat16)
+
+
+def test_fused_block_compiles_without_graph_breaks(force_kernel):
+    """torch.compile(fullgraph=True) traces the fused block: its passes and the INT8 linears are custom ops."""
+    force_kernel("reference")
+    model, block, x, e, freqs, ctx = _block_case(dtype=torch.float32)
+
+    def f(x):
+        return fused_block_forward(block, x * 1.0, e, freqs, ctx)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)

@@ -39,7 +39,9 @@ EXIT_NONFINITE = 3
 TINY_CANDIDATES = ("int8", "int8-rot", "fp8", "select")
 # on request: rotated INT8 linears plus INT8 attention (P·V in fp8, or in 16 bits)
 ATTENTION_CANDIDATES = {"int8-rot+attn": "fp8", "int8-rot+attn16": "fp16"}
-ALL_CANDIDATES = TINY_CANDIDATES + tuple(ATTENTION_CANDIDATES)
+# ... and the fused block (wan_int8.fused), without or with INT8 attention (P·V fp8)
+FUSED_CANDIDATES = {"int8-rot+fused": None, "int8-rot+attn+fused": "fp8"}
+ALL_CANDIDATES = TINY_CANDIDATES + tuple(ATTENTION_CANDIDATES) + tuple(FUSED_CANDIDATES)
 FILE_CANDIDATE = "int8-file"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,10 +93,14 @@ def quantized_copy(model: nn.Module, kind: str, family: str = "wan") -> nn.Modul
         fp8_quantize_model(m, family=family)
     elif kind in ("int8", "int8-rot"):
         quantize_model(m, family_rules(family, rotate=kind == "int8-rot", rotation_group=256))
-    elif kind in ATTENTION_CANDIDATES:
+    elif kind in ATTENTION_CANDIDATES or kind in FUSED_CANDIDATES:
         from .attention import heads_attention
         quantize_model(m, family_rules(family, rotate=True, rotation_group=256))
-        m.set_attention(heads_attention(attention_config(ATTENTION_CANDIDATES[kind], model)))
+        pv = ATTENTION_CANDIDATES.get(kind) or FUSED_CANDIDATES.get(kind)
+        if pv:
+            m.set_attention(heads_attention(attention_config(pv, model)))
+        if kind in FUSED_CANDIDATES:   # the fused passes, on their torch references where no kernel can run
+            m.set_fused_blocks(True, require_kernels=False)
     else:
         raise ValueError(f"unknown candidate {kind!r}")
     return m
@@ -635,7 +641,7 @@ def add_commands(subparsers) -> None:
     s.add_argument("--candidates", default=None,
                    help=f"comma list; tiny Wan default: {','.join(TINY_CANDIDATES)}; also "
                         f"{','.join(ATTENTION_CANDIDATES)} (rotated INT8 linears + INT8 attention, P·V in fp8 / "
-                        f"16 bits); with --float/--int8: extra candidates built from the float model (default none)")
+                        f"16 bits), {','.join(FUSED_CANDIDATES)} (the same with the fused block); with --float/--int8: extra candidates built from the float model (default none)")
     s.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--layers", type=int, default=2, help="tiny Wan blocks (default 2)")

@@ -94,27 +94,64 @@ def _triton_reason(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+# Both passes are custom ops (fake implementations for torch.compile: the Triton launch and the backend choice
+# stay opaque, no graph break); eager calls skip the op wrapper.  Outputs a pass does not produce come back from
+# the op as empty tensors and from the functions as None.
+def _norm_modulate_impl(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], seq: int, per: int,
+                        store_y: bool, quantize: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _triton_reason(x) is None and x.shape[1] <= 16384:
+        from .kernels.triton_fused import norm_modulate_triton
+        y, q, s = norm_modulate_triton(x, eps, weight, bias, shift, scale, seq, per, store_y, quantize)
+    else:
+        v = norm_modulate_reference(x, eps, weight, bias, shift, scale, seq, per)
+        y = v.to(x.dtype) if store_y else None
+        q, s = quantize_activation(v) if quantize else (None, None)
+    empty = x.new_empty(0)
+    return (y if y is not None else empty, q if q is not None else empty.to(torch.int8),
+            s if s is not None else empty.float())
+
+
+_norm_modulate_op = torch.library.custom_op("wan_int8::norm_modulate", mutates_args=())(_norm_modulate_impl)
+
+
+@_norm_modulate_op.register_fake
+def _(x, eps, weight, bias, shift, scale, seq, per, store_y, quantize):
+    m, k = x.shape
+    return (x.new_empty((m, k) if store_y else (0,)), x.new_empty((m, k) if quantize else (0,), dtype=torch.int8),
+            x.new_empty((m,) if quantize else (0,), dtype=torch.float32))
+
+
 def norm_modulate(x: torch.Tensor, eps: float, weight=None, bias=None, shift=None, scale=None, seq: int = 0,
                   per: int = 0, store_y: bool = True, quantize: bool = False):
     """(y in x.dtype or None, int8 codes or None, fp32 scales or None) of `norm_modulate_reference`: one Triton
     pass where it can run (else the reference and `quant.int8.quantize_activation`)."""
-    if _triton_reason(x) is None and x.shape[1] <= 16384:
-        from .kernels.triton_fused import norm_modulate_triton
-        return norm_modulate_triton(x, eps, weight, bias, shift, scale, seq, per, store_y, quantize)
-    v = norm_modulate_reference(x, eps, weight, bias, shift, scale, seq, per)
-    q = s = None
-    if quantize:
-        q, s = quantize_activation(v)
-    return (v.to(x.dtype) if store_y else None), q, s
+    fn = torch.ops.wan_int8.norm_modulate if torch.compiler.is_compiling() else _norm_modulate_impl
+    y, q, s = fn(x, float(eps), weight, bias, shift, scale, seq, per, store_y, quantize)
+    return (y if store_y else None), (q if quantize else None), (s if quantize else None)
+
+
+def _rms_norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: Optional[torch.Tensor],
+                        head_dim: int, seq: int) -> torch.Tensor:
+    if _triton_reason(x) is None:
+        from .kernels.triton_fused import rms_norm_rope_triton
+        return rms_norm_rope_triton(x, weight, eps, freqs, head_dim, seq)
+    return rms_norm_rope_reference(x, weight, eps, freqs, head_dim, seq).to(x.dtype)
+
+
+_rms_norm_rope_op = torch.library.custom_op("wan_int8::rms_norm_rope", mutates_args=())(_rms_norm_rope_impl)
+
+
+@_rms_norm_rope_op.register_fake
+def _(x, weight, eps, freqs, head_dim, seq):
+    return torch.empty_like(x)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: Optional[torch.Tensor], head_dim: int,
                   seq: int) -> torch.Tensor:
     """`rms_norm_rope_reference` rounded to x.dtype: one Triton pass where it can run."""
-    if _triton_reason(x) is None:
-        from .kernels.triton_fused import rms_norm_rope_triton
-        return rms_norm_rope_triton(x, weight, eps, freqs, head_dim, seq)
-    return rms_norm_rope_reference(x, weight, eps, freqs, head_dim, seq).to(x.dtype)
+    fn = torch.ops.wan_int8.rms_norm_rope if torch.compiler.is_compiling() else _rms_norm_rope_impl
+    return fn(x, weight, float(eps), freqs, head_dim, seq)
 
 
 # -- linears with the block epilogue --------------------------------------------------------------------------

@@ -221,14 +221,15 @@ class WanAttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim, **kw))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim, **kw))
 
-    fused = False   # run `wan_int8.fused.fused_block_forward` where it can (WanModel.set_fused_blocks)
+    fused = False            # run `wan_int8.fused.fused_block_forward` where it can (WanModel.set_fused_blocks)
+    fused_needs_kernels = True   # False: run it on its torch references where no Triton kernel can run
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
                 context_img_len: Optional[int] = None) -> torch.Tensor:
         if self.fused:
             from ..attention import log_once
             from ..fused import fused_block_forward, fused_block_unavailable
-            why = fused_block_unavailable(self, x)
+            why = fused_block_unavailable(self, x, self.fused_needs_kernels)
             if why is None:
                 log_once("fused block on", logging.INFO, "wan-int8: Wan blocks run fused (norm+modulation+INT8 "
                          "quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue)")
@@ -319,10 +320,13 @@ class WanModel(nn.Module):
             block.self_attn.attention_fn = fn or attention
             block.cross_attn.attention_fn = (fn if cross else None) or attention
 
-    def set_fused_blocks(self, enabled: bool = True) -> None:
-        """Run every block through the fused passes (`wan_int8.fused`) where they can run, else as before."""
+    def set_fused_blocks(self, enabled: bool = True, require_kernels: bool = True) -> None:
+        """Run every block through the fused passes (`wan_int8.fused`) where their Triton kernels can run, else as
+        before (logged once); `require_kernels=False` also runs them on their torch references (accuracy runs on
+        a CPU: the same math, no speed)."""
         for block in self.blocks:
             block.fused = bool(enabled)
+            block.fused_needs_kernels = bool(require_kernels)
 
     def rope(self, grid: Sequence[int], device) -> torch.Tensor:
         """RoPE for a token grid, cached: built on the CPU in float64, so worth not redoing every step."""
