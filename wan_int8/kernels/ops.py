@@ -23,7 +23,7 @@ def _int8_linear_impl(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                       out_dtype: Optional[torch.dtype] = None, act: int = 0, residual: Optional[torch.Tensor] = None,
                       gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
     k = qdata.shape[1]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     out_dtype = out_dtype or x.dtype
     if lora_t is not None:
         lora_t = lora_t.reshape(-1, lora_t.shape[-1])
@@ -36,19 +36,18 @@ def _int8_linear_impl(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     call = LinearCall(x2, qdata, scale, bias, input_scale, signs, rot_kind, rot_group, out_dtype, name, lora_t, lora_b,
                       None if sx is None else sx.reshape(-1), act, residual, gate, seq, per)
     settings = get_settings()
-    backend = REGISTRY.choose(call, settings)
+    backend = REGISTRY.dispatch(call, settings)
     if settings.log_kernel:
         log.info("INT8 %s M=%d K=%d N=%d %s%s%s%s -> %s", name or "linear", call.m, k, call.n, call.granularity,
                  f" +lora{call.lora_rank}" if lora_t is not None else "", " pre-quantized" if sx is not None else "",
                  " act%d res%d" % call.epilogue if call.epilogue != (0, 0) else "", backend.name)
     out = backend.run(call)
-    REGISTRY.record(backend.name, call)
     if settings.cuda_sync and out.is_cuda:
         torch.cuda.synchronize(out.device)
     if settings.debug and not bool(torch.isfinite(out).all()):
         log.error("INT8 layer %s produced NaN/Inf (backend %s, M=%d K=%d N=%d)", name or "?", backend.name,
                   call.m, k, call.n)
-    return out.reshape(*x.shape[:-1], call.n)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 _int8_linear_op = torch.library.custom_op("wan_int8::int8_linear", mutates_args=())(_int8_linear_impl)
