@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import bench_ms, log  # noqa: E402  (bench/common.py)
+from common import bench_ms, log, print_table  # noqa: E402  (bench/common.py)
 from wan_int8.quant.metrics import cosine, rel_error  # noqa: E402
 
 from wan_int8.attention import AttentionConfig, int8_attention, sdpa  # noqa: E402
@@ -101,13 +101,8 @@ def main(argv=None):
         ta.TMA_DEFAULT = True
         if cuda:
             torch.cuda.empty_cache()
-    dev = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
-    import triton
-    print(f"\n{dev}, torch {torch.__version__}, Triton {triton.__version__}, B=1, heads {heads} x {dim}\n")
-    print("| shape | method | ms | x SDPA | TFLOP/s | cosine | rel err | note |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]:.0f} | {r[5]:.6f} | {r[6]:.2e} | {r[7]} |")
+    print_table(f"B=1, heads {heads} x {dim}", ("shape", "method", "ms", "x SDPA", "TFLOP/s", "cosine", "rel err", "note"),
+                rows, ("", "", ".3f", ".2f", ".0f", ".6f", ".2e", ""))
     return 0
 
 

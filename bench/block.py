@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import bench_ms, log  # noqa: E402  (bench/common.py)
+from common import bench_ms, log, print_table  # noqa: E402  (bench/common.py)
 from wan_int8.quant.metrics import cosine, rel_error  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -129,14 +129,9 @@ def main(argv=None):
         del variants, q8, base, block
         if cuda:
             torch.cuda.empty_cache()
-    dev = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU"
-    import triton
-    print(f"\n{dev}, torch {torch.__version__}, Triton {triton.__version__}, eager, bf16 activations, "
-          f"RoPE in unfused blocks: {rope_name}\n")
-    print("| block | L | variant | ms | x bf16 | cosine | rel err | note |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.6f} | {r[6]:.2e} | {r[7]} |")
+    print_table(f"eager, bf16 activations, RoPE in unfused blocks: {rope_name}",
+                ("block", "L", "variant", "ms", "x bf16", "cosine", "rel err", "note"), rows,
+                ("", "", "", ".2f", ".2f", ".6f", ".2e", ""))
     return 0
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the attention and block benchmarks."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -8,6 +9,23 @@ import time
 def log(msg: str) -> None:
     """Progress goes to stderr; the tables are printed last on stdout."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def print_table(context: str, headers, rows, formats) -> None:
+    """The run's context line (device, versions, ...) with the device name and torch/Triton versions prepended,
+    then a markdown table; `formats` are format specs per column ("" for as is) or callables of the row."""
+    import torch
+    import triton
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = "CPU (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU"
+    print(f"\n{dev}, torch {torch.__version__}, Triton {triton.__version__}, {context}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for r in rows:
+        cells = [f(r) if callable(f) else format(v, f) for f, v in zip(formats, list(r) + [None] * len(formats))]
+        print("| " + " | ".join(cells) + " |")
 
 
 def bench_ms(fn, cuda: bool, min_reps: int = 10, min_ms: float = 200.0) -> float:

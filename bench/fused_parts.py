@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import bench_ms, log  # noqa: E402
+from common import bench_ms, log, print_table  # noqa: E402
 from wan_int8.kernels.triton_fused import norm_modulate_triton, rms_norm_rope_triton  # noqa: E402
 from wan_int8.kernels.triton_gemm import int8_gemm  # noqa: E402
 from wan_int8.kernels.triton_quant import quantize_activation_triton  # noqa: E402
@@ -92,13 +92,8 @@ def main(argv=None):
     pair("(c0) o GEMM alone vs + plain residual",
          lambda: int8_gemm(xq, w_o.qdata, sx, w_o.scale, None, bf),
          lambda: int8_gemm(xq, w_o.qdata, sx, w_o.scale, None, bf, residual=x))
-    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
-    import triton
-    print(f"\n{name}, torch {torch.__version__}, Triton {triton.__version__}, M={m}, dim {d}, ffn {f}\n")
-    print("| pass | unfused ms | fused ms | saved ms |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[1] - r[2]:+.3f} |")
+    print_table(f"M={m}, dim {d}, ffn {f}", ("pass", "unfused ms", "fused ms", "saved ms"), rows,
+                ("", ".3f", ".3f", lambda r: f"{r[1] - r[2]:+.3f}"))
     return 0
 
 
