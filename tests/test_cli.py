@@ -138,3 +138,14 @@ def test_inspect_reports_bad_scales_and_nonfinite_tensors(tmp_path, capsys, monk
     assert main(["inspect", path, "--json", "--deep"]) == 0
     problems = json.loads(capsys.readouterr().out)["problems"]
     assert any("blocks.1.ffn.2.weight: contains NaN/Inf" in p for p in problems)
+
+
+def test_demo_speed_options(capsys):
+    """--int8-attention and --fused-blocks reach the INT8 model; the row says what ran (on this CPU the fused
+    kernels cannot run, and the row says so rather than claiming them)."""
+    assert main(["demo", "--device", "cpu", "--steps", "2", "--int8-attention", "fp16", "--fused-blocks"]) == 0
+    out = capsys.readouterr().out
+    row = [l for l in out.splitlines() if l.startswith("| int8 (")][0]
+    assert "INT8 attention fp16" in row and ("fused blocks not run" in row or "fused blocks," in row + ",")
+    rel, cos = float(row.split("|")[2]), float(row.split("|")[5])
+    assert 0 < rel < 0.03 and cos > 0.999

@@ -169,7 +169,7 @@ def cmd_quantize(args) -> int:
 
 def run_checkpoint(path: str, steps: int, seed: int, frames: int, height: int, width: int, device: str,
                    dtype_name: str = "bf16", quantize_float: bool = True, family: Optional[str] = None,
-                   loras=(), offload_loras: bool = False):
+                   loras=(), offload_loras: bool = False, fused_blocks: bool = False, attention: str = "off"):
     """Load a Wan checkpoint (any format), apply LoRAs, sample on seeded inputs; returns (latents, report, seconds)."""
     import torch
     from .loader import LoadConfig, build_wan_model
@@ -182,6 +182,7 @@ def run_checkpoint(path: str, steps: int, seed: int, frames: int, height: int, w
         from .lora import apply_loras
         lora_report = apply_loras(model, list(loras), offload_to_cpu=offload_loras)
         log.info("%s", lora_report.summary())
+    apply_speed_options(model, fused_blocks, attention)
     inputs = seeded_inputs(model.config, seed, frames, height, width, device=device, dtype=dtype)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -195,7 +196,8 @@ def cmd_run(args) -> int:
     from .formats.safetensors_io import save_tensors
     latents, report, seconds = run_checkpoint(args.checkpoint, args.steps, args.seed, args.frames, args.height,
                                               args.width, args.device, args.dtype, not args.no_quantize, args.family,
-                                              _lora_specs(args), args.offload_loras)
+                                              _lora_specs(args), args.offload_loras, args.fused_blocks,
+                                              args.int8_attention)
     print(report.verdict())
     print(f"sampled {args.steps} steps in {seconds:.2f} s; latents {list(latents.shape)}")
     if args.out:
@@ -207,6 +209,31 @@ def cmd_run(args) -> int:
 
 
 # -- demo -------------------------------------------------------------------------------------------
+
+def apply_speed_options(model, fused_blocks: bool = False, attention: str = "off") -> str:
+    """The ComfyUI nodes' speed options for a library model: INT8 self-attention (P·V "fp8" or "fp16"; where the
+    kernel cannot run, its torch reference, logged) and the fused block.  Returns a short label of what is on."""
+    on = []
+    if attention != "off":
+        from .accuracy import attention_config
+        from .attention import heads_attention
+        model.set_attention(heads_attention(attention_config(attention, model)), cross=False)
+        on.append(f"INT8 attention {attention}")
+    if fused_blocks:
+        import torch
+        from .fused import kernels_unavailable
+        why = kernels_unavailable(torch.zeros(1, device=next(model.parameters()).device))
+        model.set_fused_blocks(True)
+        on.append("fused blocks" if why is None else f"fused blocks not run: {why}")
+    return ", ".join(on)
+
+
+def _add_speed_args(s) -> None:
+    s.add_argument("--int8-attention", choices=("off", "fp8", "fp16"), default="off",
+                   help="INT8 self-attention with P·V in fp8 or 16 bits (as the Wan INT8 Attention node)")
+    s.add_argument("--fused-blocks", action="store_true",
+                   help="fused Wan blocks (as the Wan INT8 Fused Blocks node; needs Triton on a GPU)")
+
 
 def _lora_specs(args):
     from .lora import parse_lora_spec
@@ -222,7 +249,8 @@ def _add_lora_args(s) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     table = run_demo(device=args.device, steps=args.steps, seed=args.seed, keep_dir=args.keep,
-                     loras=_lora_specs(args), offload_loras=args.offload_loras)
+                     loras=_lora_specs(args), offload_loras=args.offload_loras, fused_blocks=args.fused_blocks,
+                     attention=args.int8_attention)
     print(table)
     return 0
 
@@ -264,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--family", default=None)
     s.add_argument("--out", default=None, help="save latents to this safetensors file")
     _add_lora_args(s)
+    _add_speed_args(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("demo", help="tiny Wan: bf16 vs INT8 through the real quantize/load path")
@@ -272,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--keep", default=None, help="keep the demo's files in this folder")
     _add_lora_args(s)
+    _add_speed_args(s)
     s.set_defaults(func=cmd_demo)
     for module in _command_modules():
         module.add_commands(sub)

@@ -32,9 +32,11 @@ def demo_config(device: str) -> WanConfig:
 
 
 def run_demo(device: str = "cpu", steps: int = 4, seed: int = 0, keep_dir: Optional[str] = None,
-             config: Optional[WanConfig] = None, loras=(), offload_loras: bool = False) -> str:
+             config: Optional[WanConfig] = None, loras=(), offload_loras: bool = False, fused_blocks: bool = False,
+             attention: str = "off") -> str:
     """The demo table. With `loras`, both models take them (bf16: the hook path on float linears; INT8: the
-    stacked side path), so the table compares INT8+LoRA with bf16+LoRA."""
+    stacked side path), so the table compares INT8+LoRA with bf16+LoRA.  `fused_blocks` / `attention` ("fp8",
+    "fp16"): the INT8 model also runs with the fused block / INT8 self-attention (`cli.apply_speed_options`)."""
     cfg = config or demo_config(device)
     big = cfg.dim >= 1024
     frames, height, width = (21 * 4 - 3, 480, 832) if big else (5, 64, 64)
@@ -54,6 +56,10 @@ def run_demo(device: str = "cpu", steps: int = 4, seed: int = 0, keep_dir: Optio
             if loras:
                 from .lora import apply_loras
                 lora_lines.append(f"{label}: " + apply_loras(model, list(loras), offload_to_cpu=offload_loras).summary())
+            if quantize:
+                from .cli import apply_speed_options
+                options = apply_speed_options(model, fused_blocks, attention)
+                label = f"int8 ({options})" if options else label
             inputs = seeded_inputs(model.config, seed, frames, height, width, device=device, dtype=torch.bfloat16)
             run = functools.partial(sample, model, inputs.noise, inputs.context, steps=steps, cond=inputs.cond,
                                     clip_fea=inputs.clip_fea)

@@ -82,7 +82,8 @@ def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, f
 
 
 # -- the fused passes ----------------------------------------------------------------------------------------
-def _triton_reason(x: torch.Tensor) -> Optional[str]:
+def kernels_unavailable(x: torch.Tensor) -> Optional[str]:
+    """None when the fused passes' Triton kernels can run on x's device, else why not."""
     from .kernels.triton_backend import triton_available
     if x.device.type not in ("cuda", "cpu"):
         return f"device type {x.device.type!r}"
@@ -100,7 +101,7 @@ def _triton_reason(x: torch.Tensor) -> Optional[str]:
 def _norm_modulate_impl(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                         shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], seq: int, per: int,
                         store_y: bool, quantize: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _triton_reason(x) is None and x.shape[1] <= 16384:
+    if kernels_unavailable(x) is None and x.shape[1] <= 16384:
         from .kernels.triton_fused import norm_modulate_triton
         y, q, s = norm_modulate_triton(x, eps, weight, bias, shift, scale, seq, per, store_y, quantize)
     else:
@@ -133,7 +134,7 @@ def norm_modulate(x: torch.Tensor, eps: float, weight=None, bias=None, shift=Non
 
 def _rms_norm_rope_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, freqs: Optional[torch.Tensor],
                         head_dim: int, seq: int) -> torch.Tensor:
-    if _triton_reason(x) is None:
+    if kernels_unavailable(x) is None:
         from .kernels.triton_fused import rms_norm_rope_triton
         return rms_norm_rope_triton(x, weight, eps, freqs, head_dim, seq)
     return rms_norm_rope_reference(x, weight, eps, freqs, head_dim, seq).to(x.dtype)
@@ -194,7 +195,7 @@ def prepare_input(consumers: Sequence, x_like: torch.Tensor, make: Callable[[boo
 
 def _quantize_rotated(y: torch.Tensor, key: tuple):
     kind, group, signs = key
-    if _triton_reason(y) is None:
+    if kernels_unavailable(y) is None:
         from .kernels.triton_quant import quantize_activation_triton
         return quantize_activation_triton(y, kind, group, signs)
     from .quant.types import Rotation
@@ -279,7 +280,7 @@ def _eps(norm, default: float = 1e-6) -> float:
 def fused_block_unavailable(block, x: torch.Tensor, need_kernels: bool = True) -> Optional[str]:
     """None when `fused_block_forward` can run `block` on x, else why not (callers run the unfused block).
     `need_kernels=False` (tests of the glue on a CPU): accept running the fused block on its torch references."""
-    why = _triton_reason(x) if need_kernels else None
+    why = kernels_unavailable(x) if need_kernels else None
     if why is not None:
         return f"the fused kernels cannot run here ({why})"
     sa = block.self_attn
