@@ -1,5 +1,6 @@
 """The command line end to end on the tiny Wan: inspect, quantize, run, demo, and user-facing errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -146,6 +147,9 @@ def test_demo_speed_options(capsys):
     assert main(["demo", "--device", "cpu", "--steps", "2", "--int8-attention", "fp16", "--fused-blocks"]) == 0
     out = capsys.readouterr().out
     row = [l for l in out.splitlines() if l.startswith("| int8 (")][0]
-    assert "INT8 attention fp16" in row and ("fused blocks not run" in row or "fused blocks," in row + ",")
+    # fused kernels: not run on a plain CPU, run on the interpreter when another test module set TRITON_INTERPRET
+    ran = "TRITON_INTERPRET" in os.environ and os.environ["TRITON_INTERPRET"] not in ("", "0")
+    assert "INT8 attention fp16" in row
+    assert ("fused blocks)" in row) if ran else ("fused blocks not run" in row), row
     rel, cos = float(row.split("|")[2]), float(row.split("|")[5])
     assert 0 < rel < 0.03 and cos > 0.999

@@ -28,7 +28,7 @@ unsupported GPU) `fused_block_unavailable` says why and callers run the unfused 
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

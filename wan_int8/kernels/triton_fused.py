@@ -18,7 +18,6 @@ modulation row is `(m // seq) * groups + (m % seq) // per`: ComfyUI's `repeat_e`
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -137,10 +136,6 @@ def _rms_rope_kernel(x_ptr, w_ptr, f_ptr, y_ptr, D, stride_xm, stride_ym, SEQ, s
             a, b = tl.split(tl.reshape(v, (CHUNK // 2, 2)))
             v = tl.reshape(tl.join(f00 * a + f01 * b, f10 * a + f11 * b), (CHUNK,))
         tl.store(yrow + c0 + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _modulation_args(shift, scale, m, k, seq, per):
