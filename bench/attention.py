@@ -88,7 +88,8 @@ def main(argv=None):
         for c, tma in (sweep if cuda else []):
             ta.set_config_override([c])
             ta.TMA_DEFAULT = tma
-            label = "cfg BM{BLOCK_M} BN{BLOCK_N} w{num_warps} s{num_stages} ws{WARP_SPEC:d}".format(**c)
+            label = "cfg BM{BLOCK_M} BN{BLOCK_N} w{num_warps} s{num_stages} ws{WARP_SPEC:d} pipe{PIPELINE:d}".format(**c)
+            label += f" maxnreg{c['maxnreg']}" if c.get("maxnreg") else ""
             label += " tma" if tma else " ptr"
             try:
                 out = int8_attention(q, k, v, config=methods[0][1])

@@ -204,3 +204,14 @@ def test_fp16_exponentials_match_fp32_ones_to_the_fp8_rounding():
     rel16 = rel_error(outs[0], exact(q, k, v))
     rel32 = rel_error(outs[1], exact(q, k, v))
     assert rel < 2e-2 and rel16 < 1.1 * rel32 + 1e-3
+
+
+def test_configs_keep_one_k_scale_per_step():
+    """A step of BLOCK_N keys reads one K scale: configurations whose steps span two 128-key scale blocks are
+    refused (BLOCK_N = 256 gave cosine 0.983 on an H100)."""
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        ta.set_config_override([dict(BLOCK_M=64, BLOCK_N=256, num_warps=4, num_stages=2, WARP_SPEC=False,
+                                     PIPELINE=False)])
+    for arch, cfgs in ta._CONFIGS.items():
+        for c in cfgs:
+            ta._check_config(dict(c))

@@ -246,14 +246,21 @@ def _attn_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, o_ptr,
 
 # -- configurations -----------------------------------------------------------------------------------------------
 
-def _cfg(bm: int, bn: int, warps: int, stages: int, ws: bool = False, pipe: bool = False) -> dict:
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, WARP_SPEC=ws, PIPELINE=pipe)
+def _cfg(bm: int, bn: int, warps: int, stages: int, ws: bool = False, pipe: bool = False,
+         maxnreg: Optional[int] = None) -> dict:
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, WARP_SPEC=ws, PIPELINE=pipe)
+    if maxnreg:
+        c["maxnreg"] = maxnreg   # a register cap: more CTAs per SM to interleave softmax with the other's MMAs
+    return c
 
 
 _CONFIGS: Dict[str, List[dict]] = {
     "hopper": [_cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 3, True),
                _cfg(128, 128, 8, 3, pipe=True), _cfg(64, 128, 4, 3, pipe=True), _cfg(128, 128, 8, 2, pipe=True),
-               _cfg(64, 128, 4, 2, pipe=True), _cfg(128, 64, 4, 3, pipe=True)],
+               _cfg(64, 128, 4, 2, pipe=True), _cfg(128, 64, 4, 3, pipe=True),
+               # run 29 (H100, L=32760): a 168-register cap, 2 stages: 28.9 ms alone, the autotuned set 27.7 ms
+               # (3 CTAs per SM instead of 2); a 128-register cap spills (47 ms)
+               _cfg(64, 128, 4, 2, maxnreg=168), _cfg(64, 128, 4, 3, maxnreg=168)],
     "ada": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3)],
     "ampere": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 2)],
     "interpret": [_cfg(32, 16, 4, 1, pipe=True)],
@@ -262,10 +269,18 @@ _CONFIG_OVERRIDE: Optional[List[dict]] = None
 _KERNELS: Dict[tuple, object] = {}
 
 
+def _check_config(c: dict) -> dict:
+    """The kernel takes one K scale per step: a step of BLOCK_N keys must lie inside one SEQ_PAD block of keys
+    (BLOCK_N = 256 read one scale for two blocks: cosine 0.983, run 29)."""
+    if SEQ_PAD % c["BLOCK_N"]:
+        raise ValueError(f"attention BLOCK_N {c['BLOCK_N']} must divide the K-scale block {SEQ_PAD}")
+    return c
+
+
 def set_config_override(configs: Optional[List[dict]]) -> None:
     """Benchmarks only: restrict the autotuner to these configurations (None restores the defaults)."""
     global _CONFIG_OVERRIDE
-    _CONFIG_OVERRIDE = [dict(c) for c in configs] if configs else None
+    _CONFIG_OVERRIDE = [_check_config(dict(c)) for c in configs] if configs else None
     _KERNELS.clear()
 
 
@@ -291,9 +306,9 @@ def _kernel(arch: str):
     if fn is None:
         configs = []
         for c in (_CONFIG_OVERRIDE or _CONFIGS[arch]):
-            c = dict(c)
-            warps, stages = c.pop("num_warps"), c.pop("num_stages")
-            configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
+            c = _check_config(dict(c))
+            warps, stages, nreg = c.pop("num_warps"), c.pop("num_stages"), c.pop("maxnreg", None)
+            configs.append(triton.Config(c, num_warps=warps, num_stages=stages, maxnreg=nreg))
         fn = triton.autotune(configs=configs, key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "PV_FP8", "EVEN_D", "USE_TMA",
                                                    "EXP_F16"],
                              **_autotune_kwargs())(_attn_kernel)
