@@ -258,8 +258,9 @@ _CONFIGS: Dict[str, List[dict]] = {
     "hopper": [_cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 3, True),
                _cfg(128, 128, 8, 3, pipe=True), _cfg(64, 128, 4, 3, pipe=True), _cfg(128, 128, 8, 2, pipe=True),
                _cfg(64, 128, 4, 2, pipe=True), _cfg(128, 64, 4, 3, pipe=True),
-               # run 29 (H100, L=32760): a 168-register cap, 2 stages: 28.9 ms alone, the autotuned set 27.7 ms
-               # (3 CTAs per SM instead of 2); a 128-register cap spills (47 ms)
+               # runs 29-30 (H100): a 168-register cap (3 CTAs per SM instead of 2), 2 stages: 28.9 ms alone at
+               # L=32760 (the autotuned set 27.7-29.4 ms, before 29.7-30.3); L=75600 151.6 ms (before 160-165 ms);
+               # a 128-register cap spills (47 ms)
                _cfg(64, 128, 4, 2, maxnreg=168), _cfg(64, 128, 4, 3, maxnreg=168)],
     "ada": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 3)],
     "ampere": [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 128, 4, 2)],
