@@ -114,15 +114,18 @@ def test_torch_compile_no_graph_break(settings_guard):
     assert torch.equal(compiled(x), model(x))
 
 
-def test_measured_dispatch_keeps_the_fastest_and_persists(tmp_path, settings_guard):
-    import time as _time
+def test_measured_dispatch_keeps_the_fastest_and_persists(tmp_path, settings_guard, monkeypatch):
+    import types
+    from wan_int8.kernels import registry
     from wan_int8.kernels.registry import REFERENCE, Backend, KernelRegistry, LinearCall, dispatch_key
     runs = []
+    clock = [0.0]   # the registry's timer: each backend run advances it by its delay (a loaded CPU cannot flip it)
+    monkeypatch.setattr(registry, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def make(name, delay):
         def run(call):
             runs.append(name)
-            _time.sleep(delay)
+            clock[0] += delay
             return REFERENCE.run(call)
         return Backend(name, lambda call: None, run, priority=1, auto_on_cpu=True)
 

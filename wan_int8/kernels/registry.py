@@ -179,8 +179,8 @@ class KernelRegistry:
         if settings is not self._fast_owner:   # settings are replaced, never mutated: a new object, new choices
             self._fast.clear()
             self._fast_owner = settings
-        m = x.shape[0]
-        sig = (x.device, m if m <= 1 else min(1 << (m - 1).bit_length(), 1 << 17), q.shape, x.dtype, call.out_dtype,
+        # m_bucket(M) inlined, and the weight properties backends check that the shapes do not capture
+        sig = (x.device, min(1 << max(0, (x.shape[0] - 1).bit_length()), 1 << 17), q.shape, x.dtype, call.out_dtype,
                s.shape, call.rot_kind, call.rot_group, call.signs is None, call.bias is None, call.input_scale is None,
                q.device == x.device and q.dtype == torch.int8 and q.is_contiguous() and s.device == q.device,
                None if call.lora_t is None else call.lora_t.shape[1], call.sx is None, call.act,
@@ -356,12 +356,6 @@ def dispatch_key(call: LinearCall) -> str:
             f"|{'bias' if call.bias is not None else 'nobias'}|{'static' if call.input_scale is not None else 'dyn'}"
             + (f"|lora{call.lora_rank}" if call.lora_t is not None else "")
             + (f"|act{call.act}res{call.epilogue[1]}" if call.epilogue != (0, 0) else ""))
-
-
-def qdata_ok(call: LinearCall) -> bool:
-    """Properties of the weight that backends check but the shape key does not capture."""
-    q = call.qdata
-    return q.device == call.x.device and q.dtype == torch.int8 and q.is_contiguous() and call.scale.device == q.device
 
 
 def _sync(x: torch.Tensor) -> None:
