@@ -372,3 +372,14 @@ def test_fused_block_compiles_without_graph_breaks(force_kernel):
     with torch.no_grad():
         compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_quantization_key_compares_sign_vectors():
+    """Layers share one quantization only with the same rotation: kind, group and sign vector (by value)."""
+    from wan_int8.fused import _same_key
+    s1 = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    assert _same_key(("regular", 4, s1), ("regular", 4, s1.clone()))
+    assert not _same_key(("regular", 4, s1), ("regular", 4, -s1))
+    assert not _same_key(("regular", 4, s1), ("regular", 4, None))
+    assert not _same_key(("regular", 4, None), ("regular", 8, None))
+    assert _same_key(("none", 0, None), ("none", 0, None))

@@ -170,8 +170,17 @@ def _key_of(module, x: torch.Tensor) -> Optional[tuple]:
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[1] == b[1] and (a[2] is b[2] or (a[2] is not None and b[2] is not None
-                                                                 and torch.equal(a[2], b[2])))
+    """Same rotation kind and group, and the same sign vector (the same tensor or storage without a device sync;
+    else compared by value)."""
+    if a[0] != b[0] or a[1] != b[1]:
+        return False
+    sa, sb = a[2], b[2]
+    if sa is sb:
+        return True
+    if sa is None or sb is None or sa.shape != sb.shape:
+        return False
+    return (sa.data_ptr() == sb.data_ptr() and sa.stride() == sb.stride() and sa.dtype == sb.dtype) \
+        or torch.equal(sa, sb)
 
 
 def _has_lora(module) -> bool:
