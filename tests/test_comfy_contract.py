@@ -392,3 +392,41 @@ def test_old_comfyui_is_refused_naming_the_minimum_version():
         check_comfy_interfaces(types.SimpleNamespace(ops=ops, quant_ops=quant_ops, model_patcher=None))
     text = str(err.value)
     assert "comfy.quant_ops.QuantizedTensor" in text and "offloadable" in text
+
+
+def test_fused_block_replacement_falls_back_and_chains():
+    """The block replacement hands calls it cannot serve to the original block (the reason logged once), and a
+    replacement another node set first keeps running, with ours standing in for its original block."""
+    from torch import nn
+    from wan_int8.comfy.fused import FusedBlockReplace
+
+    class Block(nn.Module):
+        def __init__(self, i2v):
+            super().__init__()
+            self.cross_attn = nn.Module()
+            if i2v:
+                self.cross_attn.k_img = nn.Linear(4, 4)
+
+    class Model(nn.Module):
+        def __init__(self, i2v):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(i2v), Block(i2v)])
+
+    args = {"img": torch.zeros(1, 3, 4), "transformer_options": {}}
+    original = lambda a: {"img": "original"}  # noqa: E731
+    model = Model(i2v=True)
+    rep = FusedBlockReplace(model, 1)
+    assert rep(args, {"original_block": original}) == {"img": "original"}
+    seen = []
+
+    def previous(a, extra):   # e.g. a caching node: it decides, then calls what it was given as the block
+        seen.append("previous")
+        return extra["original_block"](a)
+    chained = FusedBlockReplace(model, 1, previous)
+    assert chained(args, {"original_block": original}) == {"img": "original"} and seen == ["previous"]
+    patched = {"img": torch.zeros(1, 3, 4), "transformer_options": {"patches": {"attn1_patch": [lambda d: d]}}}
+    assert "attn1_patch" in FusedBlockReplace(Model(i2v=False), 0)._why_not(Model(i2v=False).blocks[0], patched)
+    del model, chained   # the replacement holds the model weakly: once it is gone, the original block runs
+    import gc
+    gc.collect()
+    assert rep.model() is None and rep(args, {"original_block": original}) == {"img": "original"}

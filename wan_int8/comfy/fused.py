@@ -56,7 +56,6 @@ class FusedBlockReplace:
         return fused.fused_block_unavailable(block, args["img"]) or ""
 
     def _run(self, args, original):
-        from comfy.ldm.modules.attention import optimized_attention
         model = self.model()
         block = model.blocks[self.index] if model is not None else None
         why = self._why_not(block, args)
@@ -67,6 +66,7 @@ class FusedBlockReplace:
         log_once("comfy fused on", logging.INFO, "wan-int8: Wan blocks run fused (norm+modulation+INT8 "
                  "quantization, RMSNorm+RoPE, GELU and gated residual in the INT8 GEMM epilogue)")
         opts = args["transformer_options"]
+        from comfy.ldm.modules.attention import optimized_attention
 
         def attention(q, k, v, heads):
             return optimized_attention(q, k, v, heads=heads, transformer_options=opts)
