@@ -5,7 +5,8 @@
 
 Variants: bf16 (PyTorch block, SDPA attention); INT8 linears (our op, per-token x per-channel, eager);
 + INT8 attention (P·V fp8); + INT8 attention (P·V 16-bit); each INT8 variant also with the fused block
-(`wan_int8.fused`: norm+modulation+quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue).
+(`wan_int8.fused`: norm+modulation+quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue);
+and (`--lora-rank`, default 64) the fp8 variants with one LoRA on every block linear, unfused and fused.
 RoPE in the unfused blocks: comfy-kitchen's Triton `apply_rope1` when importable (what ComfyUI runs; put its
 Python files on PYTHONPATH, e.g. the ignored `.ck/` folder), else the model's torch RoPE (the table says which).
 The block is `wan_int8.models.wan.WanAttentionBlock` (ComfyUI's math: fp32-free modulation in the model dtype)
@@ -61,6 +62,20 @@ class OneBlock(nn.Module):
         return self.blocks[0](*args)
 
 
+def with_lora(model: nn.Module, rank: int, g: torch.Generator) -> nn.Module:
+    """A copy of the INT8 block model with one random LoRA of `rank` on each of its linears (wan_int8.lora)."""
+    from wan_int8.lora import apply_loras, parse_tensors
+    lora_model = copy.deepcopy(model)
+    tensors = {}
+    for name, mod in lora_model.named_modules():
+        if hasattr(mod, "int8_weight"):
+            base = f"diffusion_model.{name}"
+            tensors[f"{base}.lora_down.weight"] = 0.01 * torch.randn(rank, mod.in_features, generator=g)
+            tensors[f"{base}.lora_up.weight"] = 0.01 * torch.randn(mod.out_features, rank, generator=g)
+    apply_loras(lora_model, [(parse_tensors(tensors), 1.0)])
+    return lora_model
+
+
 def use_comfy_kitchen_rope() -> str:
     """Make the unfused blocks use comfy-kitchen's Triton RoPE (ComfyUI's) when it is importable."""
     try:
@@ -77,6 +92,9 @@ def main(argv=None):
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--cases", default="", help="comma list of case names (default: all)")
     ap.add_argument("--variants", default="", help="comma list of variant labels to run (substring match)")
+    ap.add_argument("--lora-rank", type=int, default=64,
+                    help="also run the fp8-attention variants with one LoRA of this rank on every block linear "
+                         "(0: not); their cosine is against the bf16 block without the LoRA")
     args = ap.parse_args(argv)
     rope_name = use_comfy_kitchen_rope()
     cuda = torch.cuda.is_available() and not args.cpu_smoke
@@ -107,6 +125,11 @@ def main(argv=None):
                           ("INT8 linears + INT8 attn (16-bit P·V)", "fp16")):
             attn = heads_attention(AttentionConfig(pv=pv, backend=attn_kind))
             variants += [(label, q8, attn, False), (label + ", fused block", q8, attn, True)]
+        if args.lora_rank:
+            q8l = with_lora(q8, args.lora_rank, g)
+            attn = heads_attention(AttentionConfig(pv="fp8", backend=attn_kind))
+            label = f"INT8 linears + INT8 attn (fp8 P·V) + LoRA r{args.lora_rank}"
+            variants += [(label, q8l, attn, False), (label + ", fused block", q8l, attn, True)]
         if args.variants:
             keep = args.variants.split(",")
             variants = variants[:1] + [v for v in variants[1:] if any(k in v[0] for k in keep)]
@@ -127,6 +150,7 @@ def main(argv=None):
                     rows.append((name, seq, label, float("nan"), 0.0, 0.0, 0.0, f"{type(exc).__name__}: {exc}"[:90]))
                     log(f"{name}: {label} failed: {exc}")
         del variants, q8, base, block
+        q8l = None
         if cuda:
             torch.cuda.empty_cache()
     print_table(f"eager, bf16 activations, RoPE in unfused blocks: {rope_name}",
