@@ -383,3 +383,20 @@ def test_shared_quantization_key_compares_sign_vectors():
     assert not _same_key(("regular", 4, s1), ("regular", 4, None))
     assert not _same_key(("regular", 4, None), ("regular", 8, None))
     assert _same_key(("none", 0, None), ("none", 0, None))
+
+
+@pytest.mark.parametrize("groups,act", [(1, 0), (3, 1)])
+def test_torch_epilogue_matches_the_kernel_contract(groups, act):
+    """`epilogue_torch` (ComfyUI's math: GELU, addcmul with repeat_e, in the model dtype; where the GEMM does not
+    apply the epilogue) against the fp32 contract `block_epilogue_reference`, to bf16 rounding."""
+    from wan_int8.fused import epilogue_torch
+    g = torch.Generator().manual_seed(groups)
+    b, seq, n = 2, 10, 48
+    y = torch.randn(b * seq, n, generator=g).to(DEVICE, torch.bfloat16)
+    res = torch.randn(b * seq, n, generator=g).to(DEVICE, torch.bfloat16)
+    gate = torch.randn(b, groups, n, generator=g).to(DEVICE, torch.bfloat16)
+    per = modulation_per(seq, groups)
+    got = epilogue_torch(y, act, res, gate, seq, per)
+    want = block_epilogue_reference(y.double(), act, res, gate, seq, per)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(epilogue_torch(y, 0, res), res + y)
