@@ -188,6 +188,7 @@ class KernelRegistry:
         entry = self._fast.get(sig)
         if entry is None:
             backend = self._choose(call, settings)
+            # the statistics key, formatted only when read (`stats`)
             entry = self._fast[sig] = (backend, (backend.name, call.k, call.n, s.dim(), call.rot_kind != 0))
         if count:
             with self._lock:
@@ -317,12 +318,6 @@ class KernelRegistry:
                     call.name or "?", call.k, call.n, call.granularity, backend, reason)
 
     # -- statistics ---------------------------------------------------------------------------
-    def record(self, backend: str, call: LinearCall) -> None:
-        """Count a call by hand (`dispatch` counts the calls it routes)."""
-        key = (backend, call.k, call.n, call.scale.dim(), call.rot_kind != 0)   # formatted only when read
-        with self._lock:
-            self._stats[key] += 1
-
     def stats(self) -> Dict[Tuple[str, str], int]:
         """{(backend, "K=.. N=.. <scale kind>[ rot]"): calls}"""
         with self._lock:
