@@ -130,7 +130,8 @@ def log_once(key: str, level: int, msg: str, *args) -> None:
 
 def unavailable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     """Why the Triton INT8 attention cannot take these tensors (None when it can)."""
-    from .kernels.triton_backend import triton_available, _interpreting
+    from .kernels.triton_backend import triton_available
+    from .kernels.triton_launch import interpreting
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"expects [B, L, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -144,7 +145,7 @@ def unavailable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opt
     ok, why = triton_available(q.device)
     if not ok:
         return why
-    if not _interpreting():
+    if not interpreting():
         if q.device.type != "cuda":
             return f"tensors are on {q.device}, not a CUDA device"
         cap = torch.cuda.get_device_capability(q.device)

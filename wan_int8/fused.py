@@ -85,12 +85,13 @@ def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, f
 def kernels_unavailable(x: torch.Tensor) -> Optional[str]:
     """None when the fused passes' Triton kernels can run on x's device, else why not."""
     from .kernels.triton_backend import triton_available
+    from .kernels.triton_launch import interpreting
     if x.device.type not in ("cuda", "cpu"):
         return f"device type {x.device.type!r}"
     ok, why = triton_available(x.device if x.is_cuda else None)
     if not ok:
         return why
-    if x.device.type == "cpu" and "TRITON_INTERPRET" not in why:
+    if x.device.type == "cpu" and not interpreting():
         return "input is on the CPU"
     return None
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .triton_gemm import _autotune_kwargs, _ensure_allocator, _i2f_exact, tma_supported
-from .triton_quant import _interpreting
+from .triton_launch import interpreting
 
 FP8_MAX = 448.0
 LOG2E = 1.4426950408889634
@@ -286,7 +286,7 @@ def set_config_override(configs: Optional[List[dict]]) -> None:
 
 
 def arch_of(device: torch.device) -> str:
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return "interpret"
     major, minor = torch.cuda.get_device_capability(device)
     if major >= 9:
@@ -358,7 +358,7 @@ def quantize_v_fp8(v: torch.Tensor, extra: int = 0) -> Tuple[torch.Tensor, torch
     out = torch.empty((b * h, dp, lp), dtype=torch.float8_e4m3fn, device=v.device)
     block = 64
     grid = (lp // block, b * h)
-    _v_fp8_kernel[grid](v, vs, out, h, n, d, lp, *v.stride(), DP=dp, BLOCK_L=block, EMULATE_FP8=_interpreting())
+    _v_fp8_kernel[grid](v, vs, out, h, n, d, lp, *v.stride(), DP=dp, BLOCK_L=block, EMULATE_FP8=interpreting())
     return out, vs
 
 
@@ -380,7 +380,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device)
     dp = q8.shape[-1]
     use_tma = pv_fp8 and TMA_DEFAULT and tma_supported(q.device) is None
-    if use_tma and not _interpreting():
+    if use_tma and not interpreting():
         _ensure_allocator()
     fn = _kernel(arch_of(q.device))
 
@@ -388,7 +388,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         return (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
 
     fn[grid](q8, qs, k8, ks, vq, vs, out, h, lq, lk, d, q8.shape[1], k8.shape[1], *sv, *out.stride(),
-             _bucket(lq), _bucket(lk), HEAD_DIM=dp, PV_FP8=pv_fp8, EVEN_D=dp == d, EMULATE_FP8=_interpreting(),
+             _bucket(lq), _bucket(lk), HEAD_DIM=dp, PV_FP8=pv_fp8, EVEN_D=dp == d, EMULATE_FP8=interpreting(),
              P_SHIFT=LOG2_FP8_MAX if pv_fp8 else 0.0, USE_TMA=use_tma,
-             EXP_F16=pv_fp8 and EXP_F16_DEFAULT and q.device.type == "cuda" and not _interpreting())
+             EXP_F16=pv_fp8 and EXP_F16_DEFAULT and q.device.type == "cuda" and not interpreting())
     return out

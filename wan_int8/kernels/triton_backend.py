@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from .registry import ROT_KINDS, Backend, LinearCall
+from .triton_launch import interpreting
 
 log = logging.getLogger("wan_int8.kernels")
 
@@ -25,10 +25,6 @@ GEMM_MIN_CAPABILITY = (8, 0)   # ... but Triton cannot lower an int8 tl.dot befo
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (device string, signature) -> reason, for kernels that failed at compile/launch time
 _BROKEN: Dict[Tuple[str, str], str] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,7 +42,7 @@ def triton_available(device: Optional[torch.device] = None) -> Tuple[bool, str]:
     ok, why = _triton_import()
     if not ok:
         return False, why
-    if _interpreting():
+    if interpreting():
         return True, why + " (TRITON_INTERPRET=1: kernels run on the CPU interpreter)"
     if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
@@ -81,7 +77,7 @@ def check(call: LinearCall) -> Optional[str]:
             return (f"the Triton INT8 GEMM needs compute capability 8.0+ (this GPU is {cap[0]}.{cap[1]}: "
                     f"Triton cannot compile an int8 tl.dot for it)")
     elif x.device.type == "cpu":
-        if not _interpreting():
+        if not interpreting():
             return "input is on the CPU (the Triton kernels need CUDA, or TRITON_INTERPRET=1 for tests)"
         ok, why = _triton_import()
         if not ok:

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import interpreting
+
 M_BUCKET_CAP = 8192
 SMALL_M = 64
 SW_TENSOR, SW_ROW, SW_GROUP = 0, 1, 2
@@ -432,7 +434,7 @@ def set_config_override(configs: Optional[Sequence[dict]]) -> None:
 
 
 def _arch(device: torch.device) -> str:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         return "interp"
     major, minor = torch.cuda.get_device_capability(device)
     if major >= 9:
@@ -499,13 +501,9 @@ def _autotune_kwargs() -> dict:
         return out
     if "cache_results" in params:
         out["cache_results"] = True
-    if "do_bench" in params and not _interpreting_tt():
+    if "do_bench" in params and not interpreting():
         out["do_bench"] = _tuning_bench
     return out
-
-
-def _interpreting_tt() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _kernel(arch: str, small: bool, group: int, mid: bool = False, persistent: bool = False):
@@ -549,7 +547,7 @@ def tma_supported(device: torch.device) -> Optional[str]:
         return f"Triton {triton.__version__} has no tl.make_tensor_descriptor"
     if not hasattr(triton, "set_allocator"):
         return f"Triton {triton.__version__} has no triton.set_allocator"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         return None
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return "TMA needs a Hopper (sm_90) or newer GPU"
@@ -763,7 +761,7 @@ def lora_constexprs(lsig: Optional[tuple], use_tma: bool) -> dict:
     if r <= 16:
         rc = 16
     r_pad = -(-r // rc) * rc
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interp = interpreting()
     out = dict(HAS_LORA=True, R_PAD=r_pad, R_CHUNK=rc, EVEN_R=r == r_pad,
                LORA_F32=1 if interp else 2 if dtype == torch.float32 else 0)
     if use_tma:

@@ -30,14 +30,16 @@ _Tensor = torch.Tensor
 _STATE = {"direct": None}   # None: not decided yet
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels on its CPU interpreter (TRITON_INTERPRET set).  Read on each call: tests set
+    it at run time.  The one place the kernel modules ask (this module imports no Triton, so all of them can)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def direct_enabled() -> bool:
     d = _STATE["direct"]
     if d is None:
-        d = os.environ.get("WAN_INT8_DIRECT_LAUNCH", "1") != "0" and not _interpreting()
+        d = os.environ.get("WAN_INT8_DIRECT_LAUNCH", "1") != "0" and not interpreting()
         if d:
             try:
                 from triton import knobs   # 3.4+: where the launch hooks live

@@ -34,14 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import interpreting
+
 QMAX = 127.0
 AMAX_FLOOR = 1e-30
 ROT_KIND_IDS = {"regular": 1, "sylvester": 2}
 ONE_PASS_MAX_K = 16384
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -433,13 +431,13 @@ def _smem_budget_cached(device_index: int) -> int:
 
 def _smem_budget(device: torch.device) -> int:
     """Shared memory one program may use (bytes); the interpreter has no limit worth modelling."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return 1 << 30
     return _smem_budget_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _dot_needs_f32(x: torch.Tensor) -> bool:
-    if x.dtype == torch.float32 or _interpreting() or x.device.type != "cuda":
+    if x.dtype == torch.float32 or interpreting() or x.device.type != "cuda":
         return True
     if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
         return True   # no bf16 tensor cores before Ampere
@@ -468,7 +466,7 @@ KRON_GROUPS = {256: 16}
 def fast_div_default(device: torch.device) -> bool:
     """Reciprocal + one FMA correction instead of a per-element IEEE division (same bits; GPU only: the
     interpreter's fma rounds twice)."""
-    return device.type == "cuda" and not _interpreting() and os.environ.get("WAN_INT8_QUANT_EXACT_DIV", "0") == "0"
+    return device.type == "cuda" and not interpreting() and os.environ.get("WAN_INT8_QUANT_EXACT_DIV", "0") == "0"
 
 
 def _plain_config(kp2: int):
@@ -606,7 +604,7 @@ def _make_plan(x, q, s, static_t, signs, rotation_kind, group_size, block_m, chu
         bm, warps = KRON_CONFIGS.get(kp2, (1, 8))
         bm = cfg.get("BLOCK_M", block_m or bm)
         warps = cfg.get("num_warps", warps)
-        emu = _interpreting() or x.device.type != "cuda"   # 16-bit dots as exact fp32 dots (see _pdot)
+        emu = interpreting() or x.device.type != "cuda"   # 16-bit dots as exact fp32 dots (see _pdot)
         bf16_in = x.dtype == torch.bfloat16 and (not dot_f32 or emu)
         f16 = bool(cfg.get("F16", KRON_F16))
         split = cfg.get("SPLIT", (2 if f16 else 3) if x.dtype == torch.bfloat16 and not dot_f32 else 0)
