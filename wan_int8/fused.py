@@ -33,19 +33,12 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .models.wan import attention as sdpa_heads, modulation_per, repeat_e
 from .quant.int8 import gated_rows, quantize_activation
 
 log = logging.getLogger("wan_int8")
 
 # -- references ------------------------------------------------------------------------------------------------
-def modulation_per(seq: int, groups: int) -> int:
-    """Tokens per modulation row: ComfyUI's `repeat_e` (groups rows repeated to cover seq tokens)."""
-    if groups <= 1:
-        return seq
-    repeats = seq // groups
-    return repeats if repeats * groups == seq else repeats + 1
-
-
 def norm_modulate_reference(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None,
                             bias: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
                             scale: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
@@ -258,7 +251,6 @@ def epilogue_torch(y: torch.Tensor, act: int = 0, residual: Optional[torch.Tenso
                    gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
     """The block epilogue as ComfyUI computes it (GELU, then `addcmul(x, y, gate)` in the model dtype, the gate
     spread over the tokens by `repeat_e`): for layers whose GEMM does not apply it."""
-    from .models.wan import repeat_e
     if act:
         y = F.gelu(y, approximate="tanh")
     if residual is None:
@@ -319,7 +311,6 @@ def fused_block_forward(block, x: torch.Tensor, e: torch.Tensor, freqs: torch.Te
     x `[B, L, D]`; e `[B, G, 6, D]` (or ComfyUI's `[B, 6, D]`); freqs ComfyUI's RoPE `[1, L, 1, hd/2, 2, 2]`;
     `attention(q, k, v, heads)` on `[B, L, H*D]` tensors for self-attention, `cross_attention` likewise (default:
     the same).  Check `fused_block_unavailable` first."""
-    from .models.wan import attention as sdpa_heads
     attention = attention or sdpa_heads
     cross_attention = cross_attention or attention
     b, seq, d = x.shape

@@ -247,15 +247,20 @@ class WanAttentionBlock(nn.Module):
         return torch.addcmul(x, y, e[5])
 
 
+def modulation_per(seq: int, groups: int) -> int:
+    """Tokens per modulation row when `groups` rows cover `seq` tokens, as ComfyUI's `repeat_e` spreads them:
+    seq // groups, or one more when groups does not divide seq (the last row then covers fewer)."""
+    if groups <= 1:
+        return seq
+    repeats = seq // groups
+    return repeats if repeats * groups == seq else repeats + 1
+
+
 def repeat_e(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's `repeat_e`: a modulation `[B, G, D]` with G > 1 rows repeated to cover x's L tokens (each row
-    L // G times, or L // G + 1 times cut to L when G does not divide L)."""
+    """ComfyUI's `repeat_e`: a modulation `[B, G, D]` with G > 1 rows repeated to cover x's L tokens."""
     if e.size(1) <= 1:
         return e
-    repeats = x.size(1) // e.size(1)
-    if repeats * e.size(1) == x.size(1):
-        return torch.repeat_interleave(e, repeats, dim=1)
-    return torch.repeat_interleave(e, repeats + 1, dim=1)[:, :x.size(1)]
+    return torch.repeat_interleave(e, modulation_per(x.size(1), e.size(1)), dim=1)[:, :x.size(1)]
 
 
 class Head(nn.Module):
