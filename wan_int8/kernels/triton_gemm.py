@@ -116,25 +116,6 @@ def _gelu_tanh(y):
 
 
 @triton.jit
-def _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg,
-              ACT: tl.constexpr, RES: tl.constexpr):
-    """The block epilogue after bias and LoRA, in fp32: ACT 1 = GELU (tanh); RES 1 = `res + y * gate[row]`
-    (Wan's gated residual; row m is token m % SEQ of batch m // SEQ, gate row (m // SEQ, (m % SEQ) // PER)),
-    RES 2 = `res + y`."""
-    if ACT == 1:
-        y = _gelu_tanh(y)
-    if RES > 0:
-        r = tl.load(res_ptr + offs_am[:, None] * stride_rm + offs_bn[None, :]).to(tl.float32)
-        if RES == 1:
-            bi = offs_am // SEQ
-            grow = bi * stride_gb + ((offs_am - bi * SEQ) // PER) * stride_gg
-            y = r + y * tl.load(gate_ptr + grow[:, None] + offs_bn[None, :]).to(tl.float32)
-        else:
-            y = r + y
-    return y
-
-
-@triton.jit
 def _gate_rows(gate_ptr, off_m, offs_am, offs_bn, M, SEQ, PER, stride_gb, stride_gg):
     """The gate for the rows of a tile, when they span at most two gate rows (every run of tokens sharing a gate
     row is at least BLOCK_M long): the row where the gate changes is found once per tile with scalar arithmetic,
@@ -152,11 +133,13 @@ def _gate_rows(gate_ptr, off_m, offs_am, offs_bn, M, SEQ, PER, stride_gb, stride
 
 
 @triton.jit
-def _post_half(y, r_desc, off_m, off_n, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb,
-               stride_gg, ACT: tl.constexpr, RES: tl.constexpr, RES_TMA: tl.constexpr, GATE_TWO: tl.constexpr,
-               BLOCK_M: tl.constexpr):
-    """`_post_ops` for one stored half of a TMA tile: the residual through its own tensor descriptor (RES_TMA:
-    coalesced, straight to shared memory) and the gate as two row vectors (GATE_TWO)."""
+def _post_ops(y, r_desc, off_m, off_n, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb,
+              stride_gg, ACT: tl.constexpr, RES: tl.constexpr, RES_TMA: tl.constexpr, GATE_TWO: tl.constexpr):
+    """The block epilogue after bias and LoRA, in fp32, on a tile (or a stored half-tile at off_m, off_n): ACT 1 =
+    GELU (tanh); RES 1 = `res + y * gate[row]` (Wan's gated residual; row m is token m % SEQ of batch m // SEQ,
+    gate row (m // SEQ, (m % SEQ) // PER)), RES 2 = `res + y`.  The residual tile comes through its tensor
+    descriptor r_desc (RES_TMA: coalesced, straight to shared memory) or by pointers; the gate as two row vectors
+    (GATE_TWO, `_gate_rows`) or gathered per row."""
     if ACT == 1:
         y = _gelu_tanh(y)
     if RES > 0:
@@ -253,7 +236,8 @@ def _int8_gemm_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, M_
     if HAS_LORA:
         y = _lora_add(y, t_ptr, lb_ptr, offs_am, offs_bn, R, stride_tm, stride_lbn, R_PAD, R_CHUNK, EVEN_R, LORA_F32)
     if ACT != 0 or RES != 0:
-        y = _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg, ACT, RES)
+        y = _post_ops(y, None, 0, 0, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb,
+                      stride_gg, ACT, RES, False, False)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -359,18 +343,19 @@ def _int8_gemm_persistent_kernel(a_ptr, b_ptr, c_ptr, sx_ptr, sw_ptr, bias_ptr, 
                           LORA_F32)
         HALVES: tl.constexpr = POST_HALVES and USE_TMA and EPI == 1 and (ACT != 0 or RES != 0)
         if (ACT != 0 or RES != 0) and not HALVES:
-            y = _post_ops(y, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, SEQ, PER, stride_gb, stride_gg, ACT, RES)
+            y = _post_ops(y, None, 0, 0, offs_am, offs_bn, res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb,
+                          stride_gg, ACT, RES, False, False)
         if HALVES:   # the block epilogue on each half of the tile as it is stored: half the residual registers
             y3 = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             y0, y1 = tl.split(y3)
             offs_h = off_n.to(tl.int64) + tl.arange(0, BLOCK_N // 2)
-            y0 = _post_half(y0, r_desc, off_m, off_n, offs_am, tl.where(offs_h < N, offs_h, 0), res_ptr, gate_ptr,
-                            stride_rm, M, SEQ, PER, stride_gb, stride_gg, ACT, RES, RES_TMA, GATE_TWO, BLOCK_M)
+            y0 = _post_ops(y0, r_desc, off_m, off_n, offs_am, tl.where(offs_h < N, offs_h, 0), res_ptr, gate_ptr,
+                           stride_rm, M, SEQ, PER, stride_gb, stride_gg, ACT, RES, RES_TMA, GATE_TWO)
             c_desc.store([off_m, off_n], y0.to(c_ptr.dtype.element_ty))
             offs_h += BLOCK_N // 2
-            y1 = _post_half(y1, r_desc, off_m, off_n + BLOCK_N // 2, offs_am, tl.where(offs_h < N, offs_h, 0),
-                            res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb, stride_gg, ACT, RES, RES_TMA,
-                            GATE_TWO, BLOCK_M)
+            y1 = _post_ops(y1, r_desc, off_m, off_n + BLOCK_N // 2, offs_am, tl.where(offs_h < N, offs_h, 0),
+                           res_ptr, gate_ptr, stride_rm, M, SEQ, PER, stride_gb, stride_gg, ACT, RES, RES_TMA,
+                           GATE_TWO)
             c_desc.store([off_m, off_n + BLOCK_N // 2], y1.to(c_ptr.dtype.element_ty))
         elif USE_TMA and EPI == 0:
             c_desc.store([off_m, off_n], y.to(c_ptr.dtype.element_ty))
