@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from common import bench_ms, log, print_table  # noqa: E402  (bench/common.py)
+from common import bench_ms, comfy_kitchen_rope, log, print_table  # noqa: E402  (bench/common.py)
 from wan_int8.quant.metrics import cosine, rel_error  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -78,13 +78,11 @@ def with_lora(model: nn.Module, rank: int, g: torch.Generator) -> nn.Module:
 
 def use_comfy_kitchen_rope() -> str:
     """Make the unfused blocks use comfy-kitchen's Triton RoPE (ComfyUI's) when it is importable."""
-    try:
-        from comfy_kitchen.backends.triton.rope import apply_rope1
-    except Exception as exc:   # not installed: the model's own torch RoPE
-        return f"torch (comfy-kitchen not importable: {type(exc).__name__})"
-    import wan_int8.models.wan as wan
-    wan.apply_rope = lambda x, freqs: apply_rope1(x, freqs)
-    return "comfy-kitchen Triton apply_rope1"
+    name, rope = comfy_kitchen_rope()
+    if rope is not None:
+        import wan_int8.models.wan as wan
+        wan.apply_rope = lambda x, freqs: rope(x, freqs)
+    return name
 
 
 def main(argv=None):

@@ -11,6 +11,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def comfy_kitchen_rope():
+    """(description, comfy-kitchen's Triton `apply_rope1` or None): the RoPE ComfyUI runs, when importable (its
+    Python files on PYTHONPATH suffice, e.g. the ignored `.ck/` folder)."""
+    try:
+        from comfy_kitchen.backends.triton.rope import apply_rope1
+    except Exception as exc:   # not installed
+        return f"torch (comfy-kitchen not importable: {type(exc).__name__})", None
+    return "comfy-kitchen Triton apply_rope1", apply_rope1
+
+
 def print_table(context: str, headers, rows, formats) -> None:
     """The run's context line (device, versions, ...) with the device name and torch/Triton versions prepended,
     then a markdown table; `formats` are format specs per column ("" for as is) or callables of the row."""

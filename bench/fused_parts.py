@@ -22,20 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import bench_ms, log, print_table  # noqa: E402
+from common import bench_ms, comfy_kitchen_rope, log, print_table  # noqa: E402
 from wan_int8.kernels.triton_fused import norm_modulate_triton, rms_norm_rope_triton  # noqa: E402
 from wan_int8.kernels.triton_gemm import int8_gemm  # noqa: E402
 from wan_int8.kernels.triton_quant import quantize_activation_triton  # noqa: E402
 from wan_int8.models.wan import apply_rope, rope_freqs  # noqa: E402
 from wan_int8.quant.int8 import quantize_weight  # noqa: E402
-
-
-def rope_fn():
-    try:
-        from comfy_kitchen.backends.triton.rope import apply_rope1
-        return "comfy-kitchen Triton", apply_rope1
-    except Exception:
-        return "torch", apply_rope
 
 
 def main(argv=None):
@@ -58,7 +50,8 @@ def main(argv=None):
     norm_w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, bf)
     xq, sx = quantize_activation_triton(x)
     hq, hs = quantize_activation_triton(torch.randn(m, f, generator=g).to(dev, bf))
-    rope_name, rope = rope_fn()
+    rope_name, rope = comfy_kitchen_rope()
+    rope = rope or apply_rope
     q4 = x.view(1, m, heads, hd)
     rows = []
 
