@@ -1,7 +1,8 @@
 """INT8 attention against bf16 SDPA, in one process, on the same inputs (protocol: shared/BENCH.md).
 
     python bench/attention.py                 # Wan 14B self-attention L=32760 and 75600, cross-attention, H100: ~2 min
-    python bench/attention.py --sweep         # also every kernel configuration on its own
+    python bench/attention.py --sweep         # also every Triton kernel configuration on its own
+    python bench/attention.py --gluon-sweep   # also the Gluon kernel's consumer/stage variants (Hopper)
     python bench/attention.py --cpu-smoke     # no GPU: tiny sizes on the Triton interpreter, exits 0
 
 Inputs: B=1, 40 heads x 128, bf16, q/k/v ~ N(0, 1) with a shared per-channel offset on k (real Wan keys carry
@@ -44,7 +45,8 @@ def inputs(lq, lk, heads, dim, device, seed=0):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time every kernel configuration separately")
+    ap.add_argument("--sweep", action="store_true", help="time every Triton kernel configuration separately")
+    ap.add_argument("--gluon-sweep", action="store_true", help="time the Gluon kernel's consumer/stage variants")
     ap.add_argument("--shapes", default="", help="comma list of names to run (default: all)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu_smoke
@@ -54,8 +56,14 @@ def main(argv=None):
     if args.shapes:
         shapes = [s for s in shapes if s[0] in args.shapes.split(",")]
     from wan_int8.kernels import triton_attention as ta
-    methods = [("int8 fp8-PV", AttentionConfig(pv="fp8")), ("int8 fp8-PV, fp16x2 exp2", AttentionConfig(pv="fp8")),
+    from wan_int8.kernels import gluon_attention as ga
+    methods = [("int8 fp8-PV (auto)", AttentionConfig(pv="fp8")),
+               ("int8 fp8-PV, Triton kernel", AttentionConfig(pv="fp8", backend="triton")),
+               ("int8 fp8-PV, Triton, fp16x2 exp2", AttentionConfig(pv="fp8", backend="triton")),
                ("int8 fp16-PV", AttentionConfig(pv="fp16"))]
+    gluon_sweep = [dict(NUM_CONSUMERS=c, STAGES=st, TWO_LEVEL=tl, SCHEDULE=sch)
+                   for c, st, tl, sch in ((2, 3, 1, 0), (2, 4, 1, 0), (2, 3, 1, 1), (2, 3, 1, 2), (2, 4, 1, 2),
+                                          (2, 3, 0, 2), (3, 3, 0, 2), (3, 3, 0, 0), (3, 3, 1, 2))]
     rows = []
     for name, lq, lk in shapes:
         q, k, v = inputs(lq, lk, heads, dim, device)
@@ -100,6 +108,20 @@ def main(argv=None):
                 rows.append((name, label, float("nan"), 0, 0, 0, 0, f"{type(exc).__name__}: {exc}"[:80]))
         ta.set_config_override(None)
         ta.TMA_DEFAULT = True
+        for c in (gluon_sweep if cuda and args.gluon_sweep else []):
+            ga.set_config_override(c)
+            label = "gluon {NUM_CONSUMERS} consumers, {STAGES} stages, two-level {TWO_LEVEL}, schedule {SCHEDULE}".format(**c)
+            try:
+                cfg = AttentionConfig(pv="fp8", backend="gluon")
+                out = int8_attention(q, k, v, config=cfg)
+                cos, rel = cosine(out, ref), rel_error(out, ref)
+                ms = bench_ms(lambda: int8_attention(q, k, v, config=cfg), cuda)
+                rows.append((name, label, ms, base / ms, flops / ms / 1e9, cos, rel, ""))
+                log(f"{name}: {label} {ms:.3f} ms cos {cos:.6f}")
+            except Exception as exc:
+                traceback.print_exc()
+                rows.append((name, label, float("nan"), 0, 0, 0, 0, f"{type(exc).__name__}: {exc}"[:80]))
+        ga.set_config_override(None)
         if cuda:
             torch.cuda.empty_cache()
     print_table(f"B=1, heads {heads} x {dim}", ("shape", "method", "ms", "x SDPA", "TFLOP/s", "cosine", "rel err", "note"),

@@ -4,7 +4,8 @@
     python bench/block.py --cpu-smoke      # no GPU: a tiny block, torch references, exits 0
 
 Variants: bf16 (PyTorch block, SDPA attention); INT8 linears (our op, per-token x per-channel, eager);
-+ INT8 attention (P·V fp8); + INT8 attention (P·V 16-bit); each INT8 variant also with the fused block
++ INT8 attention (P·V fp8: the Gluon kernel on Hopper, and on a GPU also the Triton kernel, fused block only);
++ INT8 attention (P·V 16-bit); each INT8 variant also with the fused block
 (`wan_int8.fused`: norm+modulation+quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue);
 and (`--lora-rank`, default 64) the fp8 variants with one LoRA on every block linear, unfused and fused.
 RoPE in the unfused blocks: comfy-kitchen's Triton `apply_rope1` when importable (what ComfyUI runs; put its
@@ -114,7 +115,8 @@ def main(argv=None):
         e = (0.1 * torch.randn(1, 1, 6, cfg.dim, generator=g)).to(device, torch.bfloat16)
         ctx = torch.randn(1, 512, cfg.dim, generator=g).to(device, torch.bfloat16)
         freqs = rope_freqs(grid, cfg.head_dim, device=device)
-        attn_kind = "triton" if cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+        # "auto": the Gluon attention kernel on Hopper, else the Triton one (the interpreter runs the Triton one)
+        attn_kind = "auto" if cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
         q8 = copy.deepcopy(base)
         quantize_model(q8, family_rules("wan"))
         variants = [("bf16 (SDPA)", base, None, False), ("INT8 linears", q8, None, False),
@@ -123,6 +125,9 @@ def main(argv=None):
                           ("INT8 linears + INT8 attn (16-bit P·V)", "fp16")):
             attn = heads_attention(AttentionConfig(pv=pv, backend=attn_kind))
             variants += [(label, q8, attn, False), (label + ", fused block", q8, attn, True)]
+        if cuda:   # the Triton attention kernel, for comparison where "auto" picked the Gluon one
+            attn = heads_attention(AttentionConfig(pv="fp8", backend="triton"))
+            variants.append(("INT8 linears + INT8 attn (fp8 P·V, Triton kernel), fused block", q8, attn, True))
         if args.lora_rank:
             q8l = with_lora(q8, args.lora_rank, g)
             attn = heads_attention(AttentionConfig(pv="fp8", backend=attn_kind))

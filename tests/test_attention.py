@@ -103,12 +103,18 @@ CASES = [  # b, lq, lk, h, d, dtype
 ]
 
 
+# on a GPU each case runs through both kernels ("auto" is the Gluon one on Hopper for fp8 P·V, d 64/128)
+BACKENDS = ["auto"] if DEVICE == "cpu" else ["auto", "triton"]
+TRITON_FP8 = AttentionConfig(pv="fp8", backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(str(x) for x in c[:5]) + f"-{c[5]}".replace("torch.", ""))
-def test_kernel_matches_the_oracle(case, pv):
+def test_kernel_matches_the_oracle(case, pv, backend):
     b, lq, lk, h, d, dtype = case
     q, k, v = make_qkv(b, lq, lk, h, d, seed=lq * 7 + lk, dtype=dtype)
-    out = int8_attention(q, k, v, config=AttentionConfig(pv=pv))
+    out = int8_attention(q, k, v, config=AttentionConfig(pv=pv, backend=backend))
     assert out.shape == q.shape and out.dtype == dtype
     ref = int8_attention_reference(q, k, v, pv_fp8=pv == "fp8")
     rel = rel_error(out, ref)
@@ -171,9 +177,9 @@ def test_pointer_and_tensor_descriptor_loads_agree(case, monkeypatch):
     b, lq, lk, h, d, dtype = case
     q, k, v = make_qkv(b, lq, lk, h, d, seed=11, dtype=dtype)
     monkeypatch.setattr(ta, "TMA_DEFAULT", True)
-    tma = int8_attention(q, k, v, config=AttentionConfig(pv="fp8"))
+    tma = int8_attention(q, k, v, config=TRITON_FP8)
     monkeypatch.setattr(ta, "TMA_DEFAULT", False)
-    ptr = int8_attention(q, k, v, config=AttentionConfig(pv="fp8"))
+    ptr = int8_attention(q, k, v, config=TRITON_FP8)
     assert torch.equal(tma, ptr)
 
 
@@ -184,7 +190,7 @@ def test_pipelined_loop_gives_the_same_result():
         outs = []
         for pipe in (True, False):   # (a GPU's fp8 dot needs K >= 32)
             ta.set_config_override([ta._cfg(32, 16, 4, 1, pipe=pipe) if DEVICE == "cpu" else ta._cfg(64, 64, 4, 2, pipe=pipe)])
-            outs.append(int8_attention(q, k, v))
+            outs.append(int8_attention(q, k, v, config=AttentionConfig(backend="triton")))
     finally:
         ta.set_config_override(None)
     assert torch.equal(outs[0], outs[1])
@@ -198,7 +204,7 @@ def test_fp16_exponentials_match_fp32_ones_to_the_fp8_rounding():
     outs = []
     for flag in (True, False):
         ta.EXP_F16_DEFAULT = flag
-        outs.append(int8_attention(q, k, v, config=AttentionConfig(pv="fp8")))
+        outs.append(int8_attention(q, k, v, config=TRITON_FP8))
     ta.EXP_F16_DEFAULT = False
     rel = rel_error(outs[0], outs[1])
     rel16 = rel_error(outs[0], exact(q, k, v))
@@ -215,3 +221,51 @@ def test_configs_keep_one_k_scale_per_step():
     for arch, cfgs in ta._CONFIGS.items():
         for c in cfgs:
             ta._check_config(dict(c))
+
+
+def test_gluon_kernel_is_chosen_only_where_it_can_run(monkeypatch, caplog):
+    """"auto" takes the warp-specialised Gluon kernel only on Hopper with fp8 P·V; asking for it by name where
+    it cannot run is an error that says why (here: the interpreter, or no Hopper GPU)."""
+    from wan_int8 import attention as attn
+    from wan_int8.kernels import gluon_attention as ga
+    q, k, v = make_qkv(1, 4, 4, 1, 64, seed=14)
+    if DEVICE == "cpu":
+        assert attn.resolve_kernel("auto", q, True) == "triton"
+        with pytest.raises(AttentionUnavailable, match="interpreter"):
+            int8_attention(q, k, v, config=AttentionConfig(pv="fp8", backend="gluon"))
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "Hopper" in ga.unavailable(torch.device("cpu"), 128)
+    else:
+        hopper = torch.cuda.get_device_capability()[0] == 9
+        assert (ga.unavailable(q.device, 64) is None) == (hopper and triton.__version__.startswith(ga.TESTED_TRITON))
+    assert "head_dim 80" in ga.unavailable(q.device, 80)
+    assert attn.resolve_kernel("triton", q, True) == "triton"
+    with pytest.raises(AttentionUnavailable):
+        attn.resolve_kernel("gluon", q, False)       # 16-bit P·V: the Gluon kernel has none
+    with pytest.raises(ValueError, match="NUM_CONSUMERS"):
+        ga.set_config_override(dict(NUM_CONSUMERS=5))
+        try:
+            ga.attention(*([None] * 7), 1, 1, 1) if DEVICE == "cpu" else int8_attention(
+                q, k, v, config=AttentionConfig(pv="fp8", backend="gluon"))
+        finally:
+            ga.set_config_override(None)
+
+
+@pytest.mark.parametrize("consumers,stages,two_level,schedule", [(2, 3, 1, 0), (2, 3, 1, 2), (2, 4, 1, 1), (3, 3, 0, 2)])
+def test_gluon_kernel_matches_the_triton_kernel(consumers, stages, two_level, schedule):
+    """GPU (Hopper) only: both kernels take the same quantized inputs and do the same per-block arithmetic, so
+    they agree to accumulation order; ragged lengths, CFG batch and both head sizes."""
+    from wan_int8.kernels import gluon_attention as ga
+    if DEVICE == "cpu" or ga.unavailable(torch.device(DEVICE), 128) is not None:
+        pytest.skip("Gluon kernel: Hopper GPU with Triton " + "/".join(ga.TESTED_TRITON))
+    ga.set_config_override(dict(NUM_CONSUMERS=consumers, STAGES=stages, TWO_LEVEL=two_level, SCHEDULE=schedule))
+    try:
+        for b, lq, lk, h, d in [(2, 300, 700, 3, 128), (1, 129, 1000, 2, 64), (1, 5, 77, 1, 128)]:
+            q, k, v = make_qkv(b, lq, lk, h, d, seed=lq + lk)
+            g = int8_attention(q, k, v, config=AttentionConfig(pv="fp8", backend="gluon"))
+            t = int8_attention(q, k, v, config=TRITON_FP8)
+            # (single-level: the tensor cores accumulate P·V across blocks in fp8-MMA precision)
+            assert rel_error(g, t) < (2e-3 if two_level else 1e-2), (b, lq, lk, h, d)
+            assert rel_error(g, exact(q, k, v)) < 1.05 * rel_error(t, exact(q, k, v)) + 1e-4
+    finally:
+        ga.set_config_override(None)

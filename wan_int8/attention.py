@@ -30,7 +30,7 @@ import torch.nn.functional as F
 log = logging.getLogger("wan_int8.attention")
 
 PV_CHOICES = ("auto", "fp8", "fp16")
-BACKEND_CHOICES = ("auto", "triton", "reference")
+BACKEND_CHOICES = ("auto", "gluon", "triton", "reference")
 FP8_MAX = 448.0
 MIN_CAPABILITY = (8, 0)   # Triton lowers an int8 tl.dot from Ampere on
 
@@ -42,8 +42,9 @@ class AttentionUnavailable(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """How INT8 attention runs.  pv: P·V precision ("auto": fp8 where the GPU has fp8 tensor cores, else the
-    inputs' 16-bit dtype); smooth_k: subtract the key mean first; backend: "auto" (Triton on a GPU, refusing
-    elsewhere), "triton" or "reference" (the torch oracle: slow, materialises the score matrix)."""
+    inputs' 16-bit dtype); smooth_k: subtract the key mean first; backend: "auto" (on Hopper with fp8 P·V the
+    warp-specialised Gluon kernel when it can run, else the Triton kernel; refusing without a GPU), "gluon",
+    "triton" or "reference" (the torch oracle: slow, materialises the score matrix)."""
     pv: str = "auto"
     smooth_k: bool = True
     backend: str = "auto"
@@ -171,7 +172,25 @@ def _int8_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     if backend == "reference":
         return int8_attention_reference(q, k, v, scale, pv_fp8, smooth_k)
     from .kernels.triton_attention import int8_attention as triton_attention
-    return triton_attention(q, k, v, scale, pv_fp8, smooth_k)
+    return triton_attention(q, k, v, scale, pv_fp8, smooth_k, kernel=backend)
+
+
+def resolve_kernel(backend: str, q: torch.Tensor, pv_fp8: bool) -> str:
+    """"gluon" or "triton" for a call that can run on the GPU kernels (see AttentionConfig.backend)."""
+    from .kernels import gluon_attention
+    if backend == "triton":
+        return "triton"
+    why = gluon_attention.unavailable(q.device, q.shape[-1], forced=backend == "gluon")
+    if why is None and not pv_fp8:
+        why = "P·V in 16 bits (the Gluon kernel does fp8 P·V)"
+    if why is None:
+        return "gluon"
+    if backend == "gluon":
+        raise AttentionUnavailable(f"the Gluon INT8 attention cannot run: {why}")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9:
+        log_once(f"gluon:{why}", logging.INFO, "INT8 attention: the Triton kernel runs, not the warp-specialised "
+                 "Gluon one (%s)", why)
+    return "triton"
 
 
 _int8_attention_op = torch.library.custom_op("wan_int8::int8_attention", mutates_args=())(_int8_attention_impl)
@@ -194,8 +213,9 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
         why = unavailable_reason(q, k, v)
         if why is not None:
             raise AttentionUnavailable(f"INT8 attention cannot run: {why}")
-        backend = "triton"
     pv_fp8 = resolve_pv(config, q.device)
+    if backend != "reference":
+        backend = resolve_kernel(backend, q, pv_fp8)
     if torch.compiler.is_compiling():
         return torch.ops.wan_int8.int8_attention(q, k, v, scale, pv_fp8, config.smooth_k, backend)
     return _int8_attention_impl(q, k, v, scale, pv_fp8, config.smooth_k, backend)

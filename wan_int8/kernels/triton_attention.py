@@ -363,8 +363,11 @@ def quantize_v_fp8(v: torch.Tensor, extra: int = 0) -> Tuple[torch.Tensor, torch
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pv_fp8: bool,
-                   smooth_k: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides; 16-bit or fp32) -> [B, Lq, H, D] in q's dtype."""
+                   smooth_k: bool = True, out: Optional[torch.Tensor] = None, kernel: str = "triton") -> torch.Tensor:
+    """q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides; 16-bit or fp32) -> [B, Lq, H, D] in q's dtype.
+    kernel: "triton" (`_attn_kernel`) or "gluon" (gluon_attention: Hopper, fp8 P·V; the same quantized inputs)."""
+    if kernel == "gluon" and not pv_fp8:
+        raise ValueError("the Gluon attention kernel runs P·V in fp8 only")
     b, lq, h, d = q.shape
     lk = k.shape[1]
     mean = k.mean(dim=1, dtype=torch.float32).contiguous() if smooth_k else None
@@ -378,6 +381,9 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         sv = vq.stride()
     if out is None:
         out = torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device)
+    if kernel == "gluon":
+        from .gluon_attention import attention as gluon_attention
+        return gluon_attention(q8, qs, k8, ks, vq, vs, out, h, lq, lk)
     dp = q8.shape[-1]
     use_tma = pv_fp8 and TMA_DEFAULT and tma_supported(q.device) is None
     if use_tma and not interpreting():
