@@ -42,8 +42,9 @@ class AttentionUnavailable(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """How INT8 attention runs.  pv: P·V precision ("auto": fp8 where the GPU has fp8 tensor cores, else the
-    inputs' 16-bit dtype); smooth_k: subtract the key mean first; backend: "auto" (on Hopper with fp8 P·V the
-    warp-specialised Gluon kernel when it can run, else the Triton kernel; refusing without a GPU), "gluon",
+    inputs' 16-bit dtype); smooth_k: subtract the key mean first; backend: "auto" (on Hopper with fp8 P·V and at
+    least 2048 keys the warp-specialised Gluon kernel when it can run, else the Triton kernel; refusing without a
+    GPU), "gluon",
     "triton" or "reference" (the torch oracle: slow, materialises the score matrix)."""
     pv: str = "auto"
     smooth_k: bool = True
@@ -175,11 +176,13 @@ def _int8_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     return triton_attention(q, k, v, scale, pv_fp8, smooth_k, kernel=backend)
 
 
-def resolve_kernel(backend: str, q: torch.Tensor, pv_fp8: bool) -> str:
+def resolve_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, pv_fp8: bool) -> str:
     """"gluon" or "triton" for a call that can run on the GPU kernels (see AttentionConfig.backend)."""
     from .kernels import gluon_attention
     if backend == "triton":
         return "triton"
+    if backend == "auto" and k.shape[1] < gluon_attention.MIN_KEYS:
+        return "triton"    # short key sequences (text cross-attention): the Triton kernel measured faster
     why = gluon_attention.unavailable(q.device, q.shape[-1], forced=backend == "gluon")
     if why is None and not pv_fp8:
         why = "P·V in 16 bits (the Gluon kernel does fp8 P·V)"
@@ -215,7 +218,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
             raise AttentionUnavailable(f"INT8 attention cannot run: {why}")
     pv_fp8 = resolve_pv(config, q.device)
     if backend != "reference":
-        backend = resolve_kernel(backend, q, pv_fp8)
+        backend = resolve_kernel(backend, q, k, pv_fp8)
     if torch.compiler.is_compiling():
         return torch.ops.wan_int8.int8_attention(q, k, v, scale, pv_fp8, config.smooth_k, backend)
     return _int8_attention_impl(q, k, v, scale, pv_fp8, config.smooth_k, backend)
