@@ -562,7 +562,7 @@ def test_int8_attention_node_per_model(comfy, files, monkeypatch, caplog):
     err = _rel(out, ref)
     print(f"INT8 attention vs ComfyUI attention, same INT8 model: rel {err:.3e}")
     assert 0 < err < 0.02
-    assert "INT8 attention (Triton; Q·K INT8, P·V 16-bit, head_dim 128)" in caplog.text
+    assert "INT8 attention (triton kernel; Q·K INT8, P·V 16-bit, head_dim 128)" in caplog.text
     calls.clear()
     only_self = WanINT8Attention().apply(base, "int8 (P·V 16-bit, most accurate)")[0]   # the default
     _run_opts(comfy, only_self)

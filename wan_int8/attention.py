@@ -204,6 +204,14 @@ def _(q, k, v, scale, pv_fp8, smooth_k, backend):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
+def kernel_name(config: AttentionConfig, q: torch.Tensor, k: torch.Tensor) -> str:
+    """Which implementation `int8_attention` runs for these tensors: "gluon", "triton" or "reference" (for logs;
+    call it after a successful `int8_attention`, which has checked that the call can run)."""
+    if config.backend == "reference":
+        return "reference"
+    return resolve_kernel(config.backend, q, k, resolve_pv(config, q.device))
+
+
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                    config: AttentionConfig = AttentionConfig()) -> torch.Tensor:
     """INT8 attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] -> [B, Lq, H, D] (q's dtype).

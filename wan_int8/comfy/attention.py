@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..attention import AttentionConfig, AttentionUnavailable, int8_attention, log_once, resolve_pv
+from ..attention import AttentionConfig, AttentionUnavailable, int8_attention, kernel_name, log_once, resolve_pv
 
 log = logging.getLogger("wan_int8.comfy")
 
@@ -48,14 +48,14 @@ class Int8AttentionOverride:
         why = self._why_not(q, k, mask, kwargs)
         if why is None:
             try:
-                out = self._run(q, k, v, heads, kwargs)
+                out, kernel = self._run(q, k, v, heads, kwargs)
             except AttentionUnavailable as exc:
                 why = str(exc)
             else:
                 pv = "fp8" if resolve_pv(self.config, q.device) else "16-bit"
                 head_dim = q.shape[-1] if kwargs.get("skip_reshape") else q.shape[-1] // heads
-                log_once(f"run {pv} {head_dim}", logging.INFO, "wan-int8: INT8 attention (Triton; Q·K INT8, P·V %s, "
-                         "head_dim %d) runs in place of ComfyUI's attention", pv, head_dim)
+                log_once(f"run {kernel} {pv} {head_dim}", logging.INFO, "wan-int8: INT8 attention (%s kernel; Q·K "
+                         "INT8, P·V %s, head_dim %d) runs in place of ComfyUI's attention", kernel, pv, head_dim)
                 return out
         log_once(f"skip {why}", logging.INFO, "wan-int8: INT8 attention not used for a call (%s): ComfyUI's own "
                  "attention runs it", why)
@@ -67,9 +67,10 @@ class Int8AttentionOverride:
         else:                                    # [B, L, H*D]
             q4, k4, v4 = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
         out = int8_attention(q4, k4, v4, scale=kwargs.get("scale"), config=self.config)
+        kernel = kernel_name(self.config, q4, k4)
         if kwargs.get("skip_output_reshape"):    # ComfyUI then wants [B, H, L, D]
-            return out.transpose(1, 2)
-        return out.flatten(-2)
+            return out.transpose(1, 2), kernel
+        return out.flatten(-2), kernel
 
 
 def apply_int8_attention(patcher, pv: str = "auto", self_only: bool = False):

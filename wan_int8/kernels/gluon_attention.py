@@ -200,7 +200,7 @@ if gluon is not None:
 # Runs 32-33 (H100, L=32760 / 75600, ms; cosine to SDPA): 3 consumers (192 query rows per CTA), two-level
 # 24.6 / 127.4 (0.99923 / 0.99923), single-level 24.3 / 128.5 (0.99922 / 0.99919), 2 or 4 stages within 1%;
 # 2 consumers 27.9-31.8 / 145-159.  FA3's schedules (P·V of block j-1 under block j's softmax, with or without
-# ping-pong between consumers) measured 12-160% slower.  Two-level at 3 consumers spills a few registers (160 each
+# ping-pong between consumers) measured 15-160% slower.  Two-level at 3 consumers spills a few registers (160 each
 # beside the producer's) yet costs nothing measurable, and keeps the Triton kernel's accuracy.
 DEFAULT_CONFIG = dict(NUM_CONSUMERS=3, STAGES=3, TWO_LEVEL=True)
 MIN_KEYS = 2048   # "auto" below this: the Triton kernel (512 text keys: 0.92 ms against the Gluon kernel's 1.32)
