@@ -353,7 +353,8 @@ def quantize_v_fp8(v: torch.Tensor, extra: int = 0) -> Tuple[torch.Tensor, torch
     b, n, h, d = v.shape
     dp, lp = padded_head_dim(d), _padded_len(n) + extra
     vs = torch.zeros((b, h, dp), dtype=torch.float32, device=v.device)
-    vs[..., :d] = v.abs().amax(dim=1).float() / FP8_MAX
+    # max |v| per channel in one reduction (v.abs() would first write a copy of V: ~0.2 ms at L=32760)
+    vs[..., :d] = torch.linalg.vector_norm(v, ord=float("inf"), dim=1).float() / FP8_MAX
     vs = vs.reshape(b * h, dp)
     out = torch.empty((b * h, dp, lp), dtype=torch.float8_e4m3fn, device=v.device)
     block = 64
