@@ -190,7 +190,8 @@ def resolve_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, pv_fp8: bool)
         return "gluon"
     if backend == "gluon":
         raise AttentionUnavailable(f"the Gluon INT8 attention cannot run: {why}")
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9:
+    if (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9
+            and not torch.compiler.is_compiling()):   # (logged by the eager calls; a lock would break the graph)
         log_once(f"gluon:{why}", logging.INFO, "INT8 attention: the Triton kernel runs, not the warp-specialised "
                  "Gluon one (%s)", why)
     return "triton"
