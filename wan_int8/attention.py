@@ -44,8 +44,7 @@ class AttentionConfig:
     """How INT8 attention runs.  pv: P·V precision ("auto": fp8 where the GPU has fp8 tensor cores, else the
     inputs' 16-bit dtype); smooth_k: subtract the key mean first; backend: "auto" (on Hopper with fp8 P·V and at
     least 2048 keys the warp-specialised Gluon kernel when it can run, else the Triton kernel; refusing without a
-    GPU), "gluon",
-    "triton" or "reference" (the torch oracle: slow, materialises the score matrix)."""
+    GPU), "gluon", "triton" or "reference" (the torch oracle: slow, materialises the score matrix)."""
     pv: str = "auto"
     smooth_k: bool = True
     backend: str = "auto"

@@ -90,6 +90,8 @@ if gluon is not None:
               s_layout: gl.constexpr, p_layout: gl.constexpr, o_layout: gl.constexpr,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, P_SHIFT: gl.constexpr,
               MASK: gl.constexpr, TWO_LEVEL: gl.constexpr):
+        """One block of BLOCK_N keys for one consumer (MASK: the ragged last block); Gluon's twin of the Triton
+        kernel's `_attn_step` (fp8 P·V path)."""
         s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout),
                           use_acc=False)
         if MASK:
@@ -215,7 +217,7 @@ def set_config_override(config: Optional[dict]) -> None:
 
 
 def consumer_regs(consumers: int) -> int:
-    """Registers per consumer thread: the producer warpgroup keeps 24-40, the consumers share the rest of 64K."""
+    """Registers per consumer thread; the producer warpgroup keeps 32 of the SM's 64K per thread."""
     return 240 if consumers == 2 else 160
 
 
