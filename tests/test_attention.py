@@ -227,7 +227,7 @@ def test_gluon_kernel_is_chosen_only_where_it_can_run(monkeypatch, caplog):
     """"auto" takes the warp-specialised Gluon kernel only on Hopper with fp8 P·V; asking for it by name where
     it cannot run is an error that says why (here: the interpreter, or no Hopper GPU)."""
     from wan_int8 import attention as attn
-    from wan_int8.kernels import gluon_attention as ga
+    from wan_int8.kernels import gluon_attention as ga, gluon_common
     q, k, v = make_qkv(1, 4, 4, 1, 64, seed=14)
     _, long_k, _ = make_qkv(1, 1, ga.MIN_KEYS, 1, 64, seed=15)
     assert attn.resolve_kernel("auto", q, k, True) == "triton"        # short keys: the Triton kernel everywhere
@@ -239,7 +239,7 @@ def test_gluon_kernel_is_chosen_only_where_it_can_run(monkeypatch, caplog):
         assert "Hopper" in ga.unavailable(torch.device("cpu"), 128)
     else:
         hopper = torch.cuda.get_device_capability()[0] == 9
-        usable = hopper and triton.__version__.startswith(ga.TESTED_TRITON)
+        usable = hopper and triton.__version__.startswith(gluon_common.TESTED_TRITON)
         assert (ga.unavailable(q.device, 64) is None) == usable
         assert attn.resolve_kernel("auto", q, long_k, True) == ("gluon" if usable else "triton")
     assert "head_dim 80" in ga.unavailable(q.device, 80)
@@ -259,9 +259,9 @@ def test_gluon_kernel_is_chosen_only_where_it_can_run(monkeypatch, caplog):
 def test_gluon_kernel_matches_the_triton_kernel(consumers, stages, two_level):
     """GPU (Hopper) only: both kernels take the same quantized inputs and do the same per-block arithmetic, so
     they agree to accumulation order; ragged lengths, CFG batch and both head sizes."""
-    from wan_int8.kernels import gluon_attention as ga
+    from wan_int8.kernels import gluon_attention as ga, gluon_common
     if DEVICE == "cpu" or ga.unavailable(torch.device(DEVICE), 128) is not None:
-        pytest.skip("Gluon kernel: Hopper GPU with Triton " + "/".join(ga.TESTED_TRITON))
+        pytest.skip("Gluon kernel: Hopper GPU with Triton " + "/".join(gluon_common.TESTED_TRITON))
     ga.set_config_override(dict(NUM_CONSUMERS=consumers, STAGES=stages, TWO_LEVEL=two_level))
     try:
         for b, lq, lk, h, d in [(2, 300, 700, 3, 128), (1, 129, 1000, 2, 64), (1, 5, 77, 1, 128)]:

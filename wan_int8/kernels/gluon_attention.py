@@ -28,36 +28,19 @@ import torch
 
 import triton
 
-try:   # Gluon: Triton >= 3.5; this kernel was written and measured against Triton 3.6's API
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    _IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    gluon = gl = mbarrier = tma = warpgroup_mma = TensorDescriptor = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from .gluon_common import TensorDescriptor, gl, gluon, hopper_unavailable, mbarrier, tma, warpgroup_mma
 
-TESTED_TRITON = ("3.6",)      # Gluon's API moves between releases: elsewhere only backend="gluon" tries it
 P_SHIFT_FP8 = 8.807354922057604   # log2(448)
 
 
 def unavailable(device: torch.device, head_dim: int, forced: bool = False) -> Optional[str]:
-    """Why the Gluon kernel cannot run here (None: it can).  forced: the caller asked for it by name, so a Triton
-    release it was not tested with is tried rather than refused."""
-    from .triton_launch import interpreting
+    """Why the Gluon attention kernel cannot run here (None: it can); forced: AttentionConfig(backend="gluon")."""
     if head_dim not in (64, 128):
         return f"head_dim {head_dim} (the Gluon kernel takes 64 or 128)"
-    if interpreting():
-        return "the Triton interpreter (TRITON_INTERPRET=1) does not run Gluon"
-    if _IMPORT_ERROR is not None:
-        return f"Gluon is not importable ({_IMPORT_ERROR})"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return "the Gluon attention kernel is written for Hopper (sm_90) wgmma"
-    if not forced and not triton.__version__.startswith(TESTED_TRITON):
-        return (f"Triton {triton.__version__}: the Gluon kernel is tested with Triton {', '.join(TESTED_TRITON)} "
-                "(AttentionConfig(backend='gluon') tries it anyway)")
-    return None
+    why = hopper_unavailable(device, "attention kernel", forced)
+    if why is not None and why.startswith("Triton "):
+        why += " (AttentionConfig(backend='gluon') tries it anyway)"
+    return why
 
 
 if gluon is not None:
