@@ -51,6 +51,8 @@ METHODS = [
     "raw_row",         # ours, triton functions called directly (quantizer + GEMM)
     "raw_rot256",
     "raw_group128",
+    "gluon_group128",  # quantizer + the experimental warp-specialised Gluon group GEMM (Hopper, Triton 3.6)
+    "gluongemm_group128",   # that GEMM alone (pre-quantized A)
     "gemm_row",        # ours, GEMM + epilogue only (pre-quantized A)
     "quant_row",       # ours, quantizer only (ratio = its time / bf16 linear time)
     "quant_rot256",
@@ -226,6 +228,16 @@ def build(method, x, prep, cuda):
         return lambda: int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.bfloat16)
     if method.startswith("quant_"):
         return lambda: quantize_activation_triton(x, kind, group)
+    if method.startswith("gluon"):
+        from wan_int8.kernels.gluon_gemm import group_gemm
+        if method.startswith("gluongemm_"):
+            xq, sx = quantize_activation_triton(x, kind, group)
+            return lambda: group_gemm(xq, wt.qdata, sx, wt.scale)
+
+        def gluon_whole():
+            xq, sx = quantize_activation_triton(x, kind, group)
+            return group_gemm(xq, wt.qdata, sx, wt.scale)
+        return gluon_whole
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -1,0 +1,168 @@
+"""Hopper group-scale INT8 GEMM in Gluon (experimental: not yet run on a GPU, not used by the dispatcher).
+
+`y = sx[m] * sum_g sw[n, g] * (a[m, gK:(g+1)K] · b[n, gK:(g+1)K]) (+ bias)` for weights with one scale per
+K-group (`sw [N, K/g]`, g = 128): the contract of `triton_gemm.int8_gemm`'s group mode and of
+`quant.int8.int8_linear_reference`.
+
+Why (runs 1-27, H100): the Triton group-scale GEMM runs 0.75-0.86x bf16 (target 1.3x).  Each K-group's int32
+partial must be converted to fp32 and folded with its scales on the CUDA cores, and in Triton that fold sits
+between the MMAs (the tensor cores wait); I2F converts at a quarter of the FMA rate, and the exact magic-number
+conversion needs a second accumulator that spills at 128x256 tiles.  Here a producer warpgroup streams A and B
+tiles by TMA (running ahead into a program's next tile while its consumers finish one: persistent grid) and two
+consumer warpgroups (64 rows each of a 128 x BLOCK_N tile) issue group g's wgmma
+asynchronously into a fresh int32 tile, fold group g-1's partial (magic-number int->float, exact since
+|partial| <= 128·127² < 2^22, then one FMA with the group's scales) while it runs, then wait.  Registers per
+consumer thread at BLOCK_N = 128: two int32 tiles and the fp32 sum, 3 x 64.
+
+Contract checked by tests/test_triton_kernels.py on a Hopper GPU (WAN_INT8_TEST_DEVICE=cuda) against a float64
+computation; timed by `bench/linear.py --methods gluon_group128,gluongemm_group128`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import triton
+
+from .gluon_common import TensorDescriptor, gl, gluon, hopper_unavailable, mbarrier, tma, warpgroup_mma
+from .gluon_common import warpgroup_mma_wait
+
+BLOCK_M, BLOCK_N = 128, 128
+CONSUMER_ROWS = 64
+
+
+def unavailable(a: torch.Tensor, b: torch.Tensor, sw: torch.Tensor) -> Optional[str]:
+    """Why the Gluon group GEMM cannot take these operands (None: it can)."""
+    k = a.shape[1]
+    if sw.dim() != 2 or k % sw.shape[1] or k // sw.shape[1] != 128:
+        return f"group scales {tuple(sw.shape)} for K={k}: the Gluon kernel takes groups of 128"
+    if a.stride(1) != 1 or b.stride(1) != 1 or (a.stride(0) % 16) or (b.stride(0) % 16):
+        return "operands must be K-contiguous with 16-byte aligned rows (TMA)"
+    return hopper_unavailable(a.device, "group-scale GEMM")
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
+                  HAS_BIAS: gl.constexpr):
+        """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
+        (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
+         stride_sw, stride_cm) = t
+        step_bytes: gl.constexpr = (2 * 64 + BN) * BLOCK_K
+        steps = K // BLOCK_K
+        tiles_m = gl.cdiv(M, 2 * 64)
+        n_tiles = tiles_m * gl.cdiv(N, BN)
+        j = 0                      # K steps loaded so far by this program: the stage ring runs across tiles
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            off_m = (tile % tiles_m) * (2 * 64)
+            off_n = (tile // tiles_m) * BN
+            for i in range(steps):
+                s = j % STAGES
+                mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), step_bytes)
+                tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], ready.index(s), b_bufs.index(s))
+                j += 1
+
+    @gluon.jit
+    def _fold(acc_f, part, sw):
+        """acc_f + float(part) * sw[None, :]: the int32 -> fp32 conversion by the magic number (exact for
+        |part| < 2^22), one integer add and one fp32 subtract instead of the quarter-rate I2F."""
+        return acc_f + ((part + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0) * sw[None, :]
+
+    @gluon.jit
+    def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
+                  HAS_BIAS: gl.constexpr):
+        """Rows [CID*64, CID*64 + 64) of the CTA's tile: group g's wgmma runs while group g-1 is folded."""
+        (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
+         stride_sw, stride_cm) = t
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 32])
+        col: gl.constexpr = gl.SliceLayout(0, layout)
+        # the group scales are loaded one per thread and then spread to the accumulator's column layout (a
+        # pointer per accumulator column would hold 32 64-bit addresses per thread across the loop: spills)
+        flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        steps = K // BLOCK_K
+        tiles_m = gl.cdiv(M, 2 * 64)
+        n_tiles = tiles_m * gl.cdiv(N, BN)
+        j = 0                      # K steps consumed so far by this program (the producer's counter)
+        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            off_m = (tile % tiles_m) * (2 * 64) + CID * 64
+            off_n = (tile // tiles_m) * BN
+            offs_f = off_n + gl.arange(0, BN, layout=flat)
+            f_ok = offs_f < N
+            sw_row = sw_ptr + offs_f * stride_sw
+            acc_f = gl.zeros([64, BN], gl.float32, layout)
+            s = j % STAGES
+            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+            tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
+                                gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
+            prev = warpgroup_mma_wait(0, deps=(tok,))
+            mbarrier.arrive(empty.index(s), count=1)
+            j += 1
+            for i in range(1, steps):
+                s = j % STAGES
+                mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+                tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
+                                    gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
+                # group i-1 is folded while group i's wgmma runs
+                acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (i - 1), mask=f_ok, other=0.0), col))
+                prev = warpgroup_mma_wait(0, deps=(tok,))
+                mbarrier.arrive(empty.index(s), count=1)
+                j += 1
+            acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (steps - 1), mask=f_ok, other=0.0), col))
+            offs_n = off_n + gl.arange(0, BN, layout=col)
+            n_ok = offs_n < N
+            offs_m = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+            m_ok = offs_m < M
+            y = acc_f * gl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+            if HAS_BIAS:
+                y = y + gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[None, :]
+            ptrs = c_ptr + offs_m[:, None].to(gl.int64) * stride_cm + offs_n[None, :]
+            gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @gluon.jit
+    def _group_gemm_kernel(a_desc, b_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_sw, stride_cm,
+                           HAS_BIAS: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
+                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        t = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
+             stride_sw, stride_cm)
+        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS))], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+DEFAULT_STAGES = 4
+
+
+def group_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+               stages: int = DEFAULT_STAGES) -> torch.Tensor:
+    """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N, K/128] fp32, bias [N] or None ->
+    [M, N] in out_dtype.  Raises RuntimeError (with the reason) where the kernel cannot run."""
+    why = unavailable(a, b, sw)
+    if why is not None:
+        raise RuntimeError(f"Gluon group GEMM: {why}")
+    m, k = a.shape
+    n = b.shape[0]
+    sw = sw if sw.stride(1) == 1 else sw.contiguous()
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_M, 128],
+                                                                                                  gl.int8))
+    b_desc = TensorDescriptor.from_tensor(b, [BLOCK_N, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128],
+                                                                                                  gl.int8))
+    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
+    grid = (min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count),)   # persistent
+    _group_gemm_kernel[grid](a_desc, b_desc, sx, sw, bias if bias is not None else sx, c, m, n, k, sw.stride(0),
+                             c.stride(0), HAS_BIAS=bias is not None, BLOCK_K=128, BN=BLOCK_N, STAGES=stages,
+                             CONSUMER_REGS=232, num_warps=4)
+    return c
