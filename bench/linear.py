@@ -51,8 +51,10 @@ METHODS = [
     "raw_row",         # ours, triton functions called directly (quantizer + GEMM)
     "raw_rot256",
     "raw_group128",
-    "gluon_group128",  # quantizer + the experimental warp-specialised Gluon group GEMM (Hopper, Triton 3.6)
-    "gluongemm_group128",   # that GEMM alone (pre-quantized A)
+    "gluon_row",       # quantizer + the experimental warp-specialised Gluon GEMM (Hopper, Triton 3.6)
+    "gluon_group128",
+    "gluongemm_row",   # that GEMM alone (pre-quantized A)
+    "gluongemm_group128",
     "gemm_row",        # ours, GEMM + epilogue only (pre-quantized A)
     "quant_row",       # ours, quantizer only (ratio = its time / bf16 linear time)
     "quant_rot256",
@@ -229,14 +231,14 @@ def build(method, x, prep, cuda):
     if method.startswith("quant_"):
         return lambda: quantize_activation_triton(x, kind, group)
     if method.startswith("gluon"):
-        from wan_int8.kernels.gluon_gemm import group_gemm
+        from wan_int8.kernels.gluon_gemm import ws_gemm
         if method.startswith("gluongemm_"):
             xq, sx = quantize_activation_triton(x, kind, group)
-            return lambda: group_gemm(xq, wt.qdata, sx, wt.scale)
+            return lambda: ws_gemm(xq, wt.qdata, sx, wt.scale)
 
         def gluon_whole():
             xq, sx = quantize_activation_triton(x, kind, group)
-            return group_gemm(xq, wt.qdata, sx, wt.scale)
+            return ws_gemm(xq, wt.qdata, sx, wt.scale)
         return gluon_whole
     raise ValueError(f"unknown method {method!r}")
 

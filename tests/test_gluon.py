@@ -1,4 +1,4 @@
-"""Gluon kernels other than attention (tests/test_attention.py has that one).
+"""Gluon kernels other than attention (tests/test_attention.py has that one): the warp-specialised GEMMs.
 
 Gluon has no CPU interpreter: on a CPU only the checks that say where a kernel can run are tested; with
 WAN_INT8_TEST_DEVICE=cuda on a Hopper GPU (Triton 3.6) the kernels run against float64 references.
@@ -17,45 +17,54 @@ pytest.importorskip("triton")
 from wan_int8.kernels import gluon_gemm  # noqa: E402
 
 
-def _operands(m, n, k, seed, device="cpu"):
+def _operands(m, n, k, seed, device="cpu", grouped=True):
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     sx = torch.rand(m, generator=g) * 1e-2 + 1e-3
     sw = torch.rand(n, k // 128, generator=g) * 1e-2 + 1e-3
+    if not grouped:
+        sw = sw[:, 0].contiguous()
     bias = torch.randn(n, generator=g).to(torch.bfloat16)
     return [t.to(device) for t in (a, b, sx, sw, bias)]
 
 
 def _reference(a, b, sx, sw, bias):
-    """float64: per 128-wide K-group, the exact integer dot times that group's scale, summed; then sx and bias."""
+    """float64: per 128-wide K-group, the exact integer dot times that group's scale, summed; then sx and bias
+    (row scales: one group spanning K)."""
     m, k = a.shape
+    if sw.dim() == 1:
+        y = (a.double() @ b.double().t()) * sw.double()[None, :] * sx.double()[:, None]
+        return y if bias is None else y + bias.double()[None, :]
     parts = torch.einsum("mgk,ngk->mng", a.double().view(m, -1, 128), b.double().view(b.shape[0], -1, 128))
     y = (parts * sw.double()[None]).sum(-1) * sx.double()[:, None]
     return y if bias is None else y + bias.double()[None, :]
 
 
-def test_group_gemm_says_where_it_cannot_run():
+def test_ws_gemm_says_where_it_cannot_run():
     a, b, sx, sw, _ = _operands(8, 16, 256, seed=0)
     assert "groups of 128" in gluon_gemm.unavailable(a, b, torch.ones(16, 4))          # groups of 64
+    assert "row [N] or group" in gluon_gemm.unavailable(a, b, torch.ones(15))
+    assert "multiple of 128" in gluon_gemm.unavailable(a[:, :200], b[:, :200], torch.ones(16))
     assert "K-contiguous" in gluon_gemm.unavailable(a.t().contiguous().t(), b, sw)
     if DEVICE == "cpu":
         assert gluon_gemm.unavailable(a, b, sw) is not None                              # no Hopper GPU here
-        with pytest.raises(RuntimeError, match="Gluon group GEMM"):
-            gluon_gemm.group_gemm(a, b, sx, sw)
+        with pytest.raises(RuntimeError, match="Gluon GEMM"):
+            gluon_gemm.ws_gemm(a, b, sx, sw)
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["group128", "row"])
 @pytest.mark.parametrize("m,n,k,with_bias", [(300, 200, 512, True), (128, 128, 128, False), (1000, 384, 1280, True)])
-def test_group_gemm_matches_float64(m, n, k, with_bias):
+def test_ws_gemm_matches_float64(m, n, k, with_bias, grouped):
     """GPU (Hopper) only: fp32 output within one rounding per K-group of the float64 result (rtol 1e-5 of the
-    row's magnitude, as for the Triton group GEMM); ragged M and N; bf16 output within bf16 rounding."""
-    a, b, sx, sw, bias = _operands(m, n, k, seed=m + n + k, device=DEVICE)
+    row's magnitude, as for the Triton GEMMs); ragged M and N; bf16 output within bf16 rounding."""
+    a, b, sx, sw, bias = _operands(m, n, k, seed=m + n + k, device=DEVICE, grouped=grouped)
     if gluon_gemm.unavailable(a, b, sw) is not None:
         pytest.skip(gluon_gemm.unavailable(a, b, sw))
     bias = bias if with_bias else None
     ref = _reference(a, b, sx, sw, bias)
-    out = gluon_gemm.group_gemm(a, b, sx, sw, bias, torch.float32)
+    out = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.float32)
     scale = ref.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
     assert ((out.double() - ref).abs() / scale).max() < 1e-5
-    out16 = gluon_gemm.group_gemm(a, b, sx, sw, bias, torch.bfloat16)
+    out16 = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.bfloat16)
     assert ((out16.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * scale).all()

@@ -1,4 +1,4 @@
-"""Hopper group-scale INT8 GEMM in Gluon (experimental: not yet run on a GPU, not used by the dispatcher).
+"""Hopper INT8 GEMMs in Gluon, warp-specialised (experimental: not yet run on a GPU, not used by the dispatcher).
 
 `y = sx[m] * sum_g sw[n, g] * (a[m, gK:(g+1)K] · b[n, gK:(g+1)K]) (+ bias)` for weights with one scale per
 K-group (`sw [N, K/g]`, g = 128): the contract of `triton_gemm.int8_gemm`'s group mode and of
@@ -14,8 +14,11 @@ asynchronously into a fresh int32 tile, fold group g-1's partial (magic-number i
 |partial| <= 128·127² < 2^22, then one FMA with the group's scales) while it runs, then wait.  Registers per
 consumer thread at BLOCK_N = 128: two int32 tiles and the fp32 sum, 3 x 64.
 
-Contract checked by tests/test_triton_kernels.py on a Hopper GPU (WAN_INT8_TEST_DEVICE=cuda) against a float64
-computation; timed by `bench/linear.py --methods gluon_group128,gluongemm_group128`.
+The same skeleton with row scales (`sw [N]`, one int32 accumulator, one wgmma in flight, 128x256 tiles as the
+Triton kernel's best) asks whether warp specialisation also pays for the plain GEMM (issue 3's 1.6x target).
+
+Checked by tests/test_gluon.py on a Hopper GPU (WAN_INT8_TEST_DEVICE=cuda) against float64; timed by
+`bench/linear.py --methods gluon_group128,gluongemm_group128,gluon_row,gluongemm_row`.
 """
 from __future__ import annotations
 
@@ -28,25 +31,32 @@ import triton
 from .gluon_common import TensorDescriptor, gl, gluon, hopper_unavailable, mbarrier, tma, warpgroup_mma
 from .gluon_common import warpgroup_mma_wait
 
-BLOCK_M, BLOCK_N = 128, 128
-CONSUMER_ROWS = 64
+BLOCK_M = 128                 # two consumers x 64 rows
+BLOCK_N = {True: 128, False: 256}   # per scale mode (grouped: two int32 tiles and the fp32 sum per consumer)
+BLOCK_K = 128                 # = the group size
+CONSUMER_REGS = 232           # per consumer thread; the producer keeps 48
 
 
 def unavailable(a: torch.Tensor, b: torch.Tensor, sw: torch.Tensor) -> Optional[str]:
-    """Why the Gluon group GEMM cannot take these operands (None: it can)."""
+    """Why the Gluon GEMM cannot take these operands (None: it can): row scales `sw [N]` or group scales
+    `sw [N, K/128]`, K a multiple of 128, K-contiguous 16-byte aligned operands, a Hopper GPU."""
     k = a.shape[1]
-    if sw.dim() != 2 or k % sw.shape[1] or k // sw.shape[1] != 128:
-        return f"group scales {tuple(sw.shape)} for K={k}: the Gluon kernel takes groups of 128"
+    if sw.dim() == 2 and (k % sw.shape[1] or k // sw.shape[1] != BLOCK_K):
+        return f"group scales {tuple(sw.shape)} for K={k}: the Gluon kernel takes groups of {BLOCK_K}"
+    if sw.dim() not in (1, 2) or sw.shape[0] != b.shape[0]:
+        return f"scales {tuple(sw.shape)}: the Gluon kernel takes row [N] or group [N, K/{BLOCK_K}] scales"
+    if k % BLOCK_K:
+        return f"K={k} is not a multiple of {BLOCK_K}"
     if a.stride(1) != 1 or b.stride(1) != 1 or (a.stride(0) % 16) or (b.stride(0) % 16):
         return "operands must be K-contiguous with 16-byte aligned rows (TMA)"
-    return hopper_unavailable(a.device, "group-scale GEMM")
+    return hopper_unavailable(a.device, "GEMM")
 
 
 if gluon is not None:
 
     @gluon.jit
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
-                  HAS_BIAS: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr):
         """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
         (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
          stride_sw, stride_cm) = t
@@ -73,17 +83,77 @@ if gluon is not None:
         return acc_f + ((part + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0) * sw[None, :]
 
     @gluon.jit
-    def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
-                  HAS_BIAS: gl.constexpr):
-        """Rows [CID*64, CID*64 + 64) of the CTA's tile: group g's wgmma runs while group g-1 is folded."""
-        (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
-         stride_sw, stride_cm) = t
-        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BN, 32])
+    def _columns(ptr, off_n, N, layout: gl.constexpr, BN: gl.constexpr):
+        """ptr[off_n : off_n + BN] as fp32 in the accumulator's column layout: loaded one per thread, then spread
+        (loading in the column layout directly needs an address per accumulator column and thread: spills)."""
+        flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs = off_n + gl.arange(0, BN, layout=flat)
+        v = gl.load(ptr + offs, mask=offs < N, other=0.0).to(gl.float32)
+        return gl.convert_layout(v, gl.SliceLayout(0, layout))
+
+    @gluon.jit
+    def _group_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps,
+                    layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
+        """One tile's K loop with group scales: group g's wgmma runs while group g-1 is folded.  Returns the fp32
+        tile (sx not applied) and the updated step counter."""
         col: gl.constexpr = gl.SliceLayout(0, layout)
         # the group scales are loaded one per thread and then spread to the accumulator's column layout (a
         # pointer per accumulator column would hold 32 64-bit addresses per thread across the loop: spills)
         flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs_f = off_n + gl.arange(0, BN, layout=flat)
+        f_ok = offs_f < N
+        sw_row = sw_ptr + offs_f * stride_sw
+        acc_f = gl.zeros([64, BN], gl.float32, layout)
+        s = j % STAGES
+        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
+                            gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
+        prev = warpgroup_mma_wait(0, deps=(tok,))
+        mbarrier.arrive(empty.index(s), count=1)
+        j += 1
+        for i in range(1, steps):
+            s = j % STAGES
+            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+            tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
+                                gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
+            acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (i - 1), mask=f_ok, other=0.0), col))
+            prev = warpgroup_mma_wait(0, deps=(tok,))
+            mbarrier.arrive(empty.index(s), count=1)
+            j += 1
+        acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (steps - 1), mask=f_ok, other=0.0), col))
+        return acc_f, j
+
+    @gluon.jit
+    def _row_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, off_n, N, steps,
+                  layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
+        """One tile's K loop with row scales: one int32 accumulator, one wgmma kept in flight; a stage is
+        released when the wgmma that read it has retired.  Returns the fp32 tile times sw (sx not applied)."""
+        acc = gl.zeros([64, BN], gl.int32, layout)
+        prev_s = 0
+        for i in range(steps):
+            s = j % STAGES
+            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc,))
+            if i > 0:
+                mbarrier.arrive(empty.index(prev_s), count=1)
+            prev_s = s
+            j += 1
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index(prev_s), count=1)
+        return acc.to(gl.float32) * _columns(sw_ptr, off_n, N, layout, BN)[None, :], j
+
+    @gluon.jit
+    def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr):
+        """Rows [CID*64, CID*64 + 64) of each of the program's tiles."""
+        (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
+         stride_sw, stride_cm) = t
+        # (an int8 wgmma of N = 256 does not lower in Triton 3.6: 256-wide tiles are two N = 128 instructions)
+        INSTR_N: gl.constexpr = 128 if BN > 128 else BN
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
         steps = K // BLOCK_K
         tiles_m = gl.cdiv(M, 2 * 64)
         n_tiles = tiles_m * gl.cdiv(N, BN)
@@ -91,42 +161,25 @@ if gluon is not None:
         for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
             off_m = (tile % tiles_m) * (2 * 64) + CID * 64
             off_n = (tile // tiles_m) * BN
-            offs_f = off_n + gl.arange(0, BN, layout=flat)
-            f_ok = offs_f < N
-            sw_row = sw_ptr + offs_f * stride_sw
-            acc_f = gl.zeros([64, BN], gl.float32, layout)
-            s = j % STAGES
-            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-            tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
-                                gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
-            prev = warpgroup_mma_wait(0, deps=(tok,))
-            mbarrier.arrive(empty.index(s), count=1)
-            j += 1
-            for i in range(1, steps):
-                s = j % STAGES
-                mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-                tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
-                                    gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
-                # group i-1 is folded while group i's wgmma runs
-                acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (i - 1), mask=f_ok, other=0.0), col))
-                prev = warpgroup_mma_wait(0, deps=(tok,))
-                mbarrier.arrive(empty.index(s), count=1)
-                j += 1
-            acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (steps - 1), mask=f_ok, other=0.0), col))
-            offs_n = off_n + gl.arange(0, BN, layout=col)
+            if GROUPED:
+                y, j = _group_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps, layout,
+                                   STAGES, BN, CID)
+            else:
+                y, j = _row_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, off_n, N, steps, layout, STAGES, BN, CID)
+            offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
             n_ok = offs_n < N
             offs_m = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
             m_ok = offs_m < M
-            y = acc_f * gl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+            y = y * gl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
             if HAS_BIAS:
-                y = y + gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32)[None, :]
+                y = y + _columns(bias_ptr, off_n, N, layout, BN)[None, :]
             ptrs = c_ptr + offs_m[:, None].to(gl.int64) * stride_cm + offs_n[None, :]
             gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @gluon.jit
-    def _group_gemm_kernel(a_desc, b_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_sw, stride_cm,
-                           HAS_BIAS: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
-                           STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    def _ws_gemm_kernel(a_desc, b_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_sw, stride_cm,
+                        HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
+                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -136,33 +189,36 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=2)
         t = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
              stride_sw, stride_cm)
-        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS))], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED))],
+                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-DEFAULT_STAGES = 4
+DEFAULT_STAGES = {True: 4, False: 4}   # grouped: 4 x 32 KB of operands; row: 4 x 48 KB
 
 
-def group_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
-               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-               stages: int = DEFAULT_STAGES) -> torch.Tensor:
-    """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N, K/128] fp32, bias [N] or None ->
-    [M, N] in out_dtype.  Raises RuntimeError (with the reason) where the kernel cannot run."""
+def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
+            bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+            stages: Optional[int] = None) -> torch.Tensor:
+    """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N] (row) or [N, K/128] (group) fp32,
+    bias [N] or None -> [M, N] in out_dtype.  Raises RuntimeError (with the reason) where it cannot run."""
     why = unavailable(a, b, sw)
     if why is not None:
-        raise RuntimeError(f"Gluon group GEMM: {why}")
+        raise RuntimeError(f"Gluon GEMM: {why}")
+    grouped = sw.dim() == 2
     m, k = a.shape
     n = b.shape[0]
-    sw = sw if sw.stride(1) == 1 else sw.contiguous()
+    bn = BLOCK_N[grouped]
+    sw = sw.contiguous()
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_M, 128],
-                                                                                                  gl.int8))
-    b_desc = TensorDescriptor.from_tensor(b, [BLOCK_N, 128], gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128],
-                                                                                                  gl.int8))
-    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
+    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
+    b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gl.int8))
+    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn)
     grid = (min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count),)   # persistent
-    _group_gemm_kernel[grid](a_desc, b_desc, sx, sw, bias if bias is not None else sx, c, m, n, k, sw.stride(0),
-                             c.stride(0), HAS_BIAS=bias is not None, BLOCK_K=128, BN=BLOCK_N, STAGES=stages,
-                             CONSUMER_REGS=232, num_warps=4)
+    _ws_gemm_kernel[grid](a_desc, b_desc, sx, sw, bias if bias is not None else sx, c, m, n, k,
+                          sw.stride(0) if grouped else 0, c.stride(0), HAS_BIAS=bias is not None, GROUPED=grouped,
+                          BLOCK_K=BLOCK_K, BN=bn, STAGES=stages or DEFAULT_STAGES[grouped],
+                          CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return c
