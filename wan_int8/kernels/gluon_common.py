@@ -15,11 +15,12 @@ import triton
 try:   # written and measured against Triton 3.6's Gluon API
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    gluon = gl = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 TESTED_TRITON = ("3.6",)

@@ -16,6 +16,7 @@ consumer thread at BLOCK_N = 128: two int32 tiles and the fp32 sum, 3 x 64.
 
 The same skeleton with row scales (`sw [N]`, one int32 accumulator, one wgmma in flight, 128x256 tiles as the
 Triton kernel's best) asks whether warp specialisation also pays for the plain GEMM (issue 3's 1.6x target).
+Both store each tile through shared memory with one TMA store per consumer.
 
 Checked by tests/test_gluon.py on a Hopper GPU (WAN_INT8_TEST_DEVICE=cuda) against float64; timed by
 `bench/linear.py --methods gluon_group128,gluongemm_group128,gluon_row,gluongemm_row`.
@@ -29,7 +30,7 @@ import torch
 import triton
 
 from .gluon_common import TensorDescriptor, gl, gluon, hopper_unavailable, mbarrier, tma, warpgroup_mma
-from .gluon_common import warpgroup_mma_wait
+from .gluon_common import fence_async_shared, warpgroup_mma_wait
 
 BLOCK_M = 128                 # two consumers x 64 rows
 BLOCK_N = {True: 128, False: 256}   # per scale mode (grouped: two int32 tiles and the fp32 sum per consumer)
@@ -58,8 +59,8 @@ if gluon is not None:
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr):
         """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
-        (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
-         stride_sw, stride_cm) = t
+        (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
+         stride_sw) = t
         step_bytes: gl.constexpr = (2 * 64 + BN) * BLOCK_K
         steps = K // BLOCK_K
         tiles_m = gl.cdiv(M, 2 * 64)
@@ -148,8 +149,8 @@ if gluon is not None:
     def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr):
         """Rows [CID*64, CID*64 + 64) of each of the program's tiles."""
-        (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
-         stride_sw, stride_cm) = t
+        (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
+         stride_sw) = t
         # (an int8 wgmma of N = 256 does not lower in Triton 3.6: 256-wide tiles are two N = 128 instructions)
         INSTR_N: gl.constexpr = 128 if BN > 128 else BN
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -166,36 +167,41 @@ if gluon is not None:
                                    STAGES, BN, CID)
             else:
                 y, j = _row_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, off_n, N, steps, layout, STAGES, BN, CID)
-            offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-            n_ok = offs_n < N
             offs_m = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
-            m_ok = offs_m < M
-            y = y * gl.load(sx_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+            y = y * gl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
             if HAS_BIAS:
                 y = y + _columns(bias_ptr, off_n, N, layout, BN)[None, :]
-            ptrs = c_ptr + offs_m[:, None].to(gl.int64) * stride_cm + offs_n[None, :]
-            gl.store(ptrs, y.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            # through shared memory and one TMA store (it clips the M and N tails); the previous tile's store
+            # must have left this consumer's buffer first
+            c_smem = c_bufs.index(CID)
+            tma.store_wait(0)
+            c_smem.store(y.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
+        tma.store_wait(0)
 
     @gluon.jit
-    def _ws_gemm_kernel(a_desc, b_desc, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K, stride_sw, stride_cm,
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, sx_ptr, sw_ptr, bias_ptr, M, N, K, stride_sw,
                         HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
                         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)     # one per consumer
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        t = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K,
-             stride_sw, stride_cm)
+        t = (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
+             stride_sw)
         gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED)),
                             (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED)),
                             (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-DEFAULT_STAGES = {True: 4, False: 4}   # grouped: 4 x 32 KB of operands; row: 4 x 48 KB
+DEFAULT_STAGES = {True: 4, False: 3}   # shared memory: grouped 4 x 32 KB + 2 x 16 KB; row 3 x 48 KB + 2 x 32 KB
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
@@ -204,6 +210,10 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N] (row) or [N, K/128] (group) fp32,
     bias [N] or None -> [M, N] in out_dtype.  Raises RuntimeError (with the reason) where it cannot run."""
     why = unavailable(a, b, sw)
+    if why is None and out_dtype not in _GL_DTYPES:
+        why = f"output dtype {out_dtype}"
+    if why is None and (b.shape[0] * torch.empty((), dtype=out_dtype).element_size()) % 16:
+        why = f"N={b.shape[0]}: output rows must be 16-byte aligned for the TMA store"
     if why is not None:
         raise RuntimeError(f"Gluon GEMM: {why}")
     grouped = sw.dim() == 2
@@ -215,10 +225,12 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
     b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gl.int8))
+    c_desc = TensorDescriptor.from_tensor(c, [64, bn], gl.NVMMASharedLayout.get_default_for(
+        [64, bn], getattr(gl, _GL_DTYPES[out_dtype])))
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn)
     grid = (min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count),)   # persistent
-    _ws_gemm_kernel[grid](a_desc, b_desc, sx, sw, bias if bias is not None else sx, c, m, n, k,
-                          sw.stride(0) if grouped else 0, c.stride(0), HAS_BIAS=bias is not None, GROUPED=grouped,
+    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
+                          sw.stride(0) if grouped else 0, HAS_BIAS=bias is not None, GROUPED=grouped,
                           BLOCK_K=BLOCK_K, BN=bn, STAGES=stages or DEFAULT_STAGES[grouped],
                           CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return c
