@@ -257,16 +257,18 @@ def test_gluon_kernel_is_chosen_only_where_it_can_run(monkeypatch):
 @pytest.mark.parametrize("consumers,stages,two_level", [(3, 3, 1), (3, 2, 0), (2, 3, 1)])
 def test_gluon_kernel_matches_the_triton_kernel(consumers, stages, two_level):
     """GPU (Hopper) only: both kernels take the same quantized inputs and do the same per-block arithmetic, so
-    they agree to accumulation order; ragged lengths, CFG batch and both head sizes."""
+    they agree to accumulation order; ragged lengths, CFG batch, both head sizes, bf16/fp16/fp32 in and out."""
     from wan_int8.kernels import gluon_attention as ga, gluon_common
     if DEVICE == "cpu" or ga.unavailable(torch.device(DEVICE), 128) is not None:
         pytest.skip("Gluon kernel: Hopper GPU with Triton " + "/".join(gluon_common.TESTED_TRITON))
     ga.set_config_override(dict(NUM_CONSUMERS=consumers, STAGES=stages, TWO_LEVEL=two_level))
     try:
-        for b, lq, lk, h, d in [(2, 300, 700, 3, 128), (1, 129, 1000, 2, 64), (1, 5, 77, 1, 128),
-                                (1, 200, 2100, 2, 128)]:
-            q, k, v = make_qkv(b, lq, lk, h, d, seed=lq + lk)
+        for b, lq, lk, h, d, dtype in [(2, 300, 700, 3, 128, torch.bfloat16), (1, 129, 1000, 2, 64, torch.bfloat16),
+                                       (1, 5, 77, 1, 128, torch.float16), (1, 70, 300, 2, 64, torch.float32),
+                                       (1, 200, 2100, 2, 128, torch.bfloat16)]:
+            q, k, v = make_qkv(b, lq, lk, h, d, seed=lq + lk, dtype=dtype)
             g = int8_attention(q, k, v, config=AttentionConfig(pv="fp8", backend="gluon"))
+            assert g.dtype == dtype
             if lk >= ga.MIN_KEYS:   # "auto" runs this very kernel here
                 assert torch.equal(int8_attention(q, k, v, config=AttentionConfig(pv="fp8")), g)
             t = int8_attention(q, k, v, config=TRITON_FP8)
