@@ -4,10 +4,10 @@
 K-group (`sw [N, K/g]`, g = 128): the contract of `triton_gemm.int8_gemm`'s group mode and of
 `quant.int8.int8_linear_reference`.
 
-Why (runs 1-27, H100): the Triton group-scale GEMM runs 0.75-0.86x bf16 (target 1.3x).  Each K-group's int32
+Why (runs 1-27, H100): the Triton group-scale GEMM runs 0.65-0.87x bf16 (target 1.3x).  Each K-group's int32
 partial must be converted to fp32 and folded with its scales on the CUDA cores, and in Triton that fold sits
-between the MMAs (the tensor cores wait); I2F converts at a quarter of the FMA rate, and the exact magic-number
-conversion needs a second accumulator that spills at 128x256 tiles.  Here a producer warpgroup streams A and B
+between the MMAs (the tensor cores wait); I2F has a fraction of the FMA throughput, and the exact magic-number
+conversion needs a second accumulator that spills at 128x256 tiles (run 3: slower).  Here a producer warpgroup streams A and B
 tiles by TMA (running ahead into a program's next tile while its consumers finish one: persistent grid) and two
 consumer warpgroups (64 rows each of a 128 x BLOCK_N tile) issue group g's wgmma
 asynchronously into a fresh int32 tile, fold group g-1's partial (magic-number int->float, exact since
