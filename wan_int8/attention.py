@@ -204,21 +204,9 @@ def _(q, k, v, scale, pv_fp8, smooth_k, backend):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
-def kernel_name(config: AttentionConfig, q: torch.Tensor, k: torch.Tensor) -> str:
-    """Which implementation `int8_attention` runs for these tensors: "gluon", "triton" or "reference" (for logs;
-    call it after a successful `int8_attention`, which has checked that the call can run)."""
-    if config.backend == "reference":
-        return "reference"
-    return resolve_kernel(config.backend, q, k, resolve_pv(config, q.device))
-
-
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                   config: AttentionConfig = AttentionConfig()) -> torch.Tensor:
-    """INT8 attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] -> [B, Lq, H, D] (q's dtype).
-
-    Raises `AttentionUnavailable` (with the reason) when the Triton kernel cannot run and the config did not ask
-    for the reference: callers decide the fallback and say so (the ComfyUI glue runs the original attention)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+def plan_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: AttentionConfig) -> Tuple[bool, str]:
+    """(P·V in fp8, implementation: "gluon", "triton" or "reference") for this call; raises `AttentionUnavailable`
+    (with the reason) when no GPU kernel can run it and the config did not ask for the reference."""
     backend = config.backend
     if backend != "reference":
         why = unavailable_reason(q, k, v)
@@ -227,9 +215,26 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     pv_fp8 = resolve_pv(config, q.device)
     if backend != "reference":
         backend = resolve_kernel(backend, q, k, pv_fp8)
+    return pv_fp8, backend
+
+
+def run_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float], pv_fp8: bool,
+                smooth_k: bool, backend: str) -> torch.Tensor:
+    """`int8_attention` with the decisions of `plan_call` already made (callers that also log them)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.compiler.is_compiling():
-        return torch.ops.wan_int8.int8_attention(q, k, v, scale, pv_fp8, config.smooth_k, backend)
-    return _int8_attention_impl(q, k, v, scale, pv_fp8, config.smooth_k, backend)
+        return torch.ops.wan_int8.int8_attention(q, k, v, scale, pv_fp8, smooth_k, backend)
+    return _int8_attention_impl(q, k, v, scale, pv_fp8, smooth_k, backend)
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                   config: AttentionConfig = AttentionConfig()) -> torch.Tensor:
+    """INT8 attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] -> [B, Lq, H, D] (q's dtype).
+
+    Raises `AttentionUnavailable` (with the reason) when the Triton kernel cannot run and the config did not ask
+    for the reference: callers decide the fallback and say so (the ComfyUI glue runs the original attention)."""
+    pv_fp8, backend = plan_call(q, k, v, config)
+    return run_planned(q, k, v, scale, pv_fp8, config.smooth_k, backend)
 
 
 def heads_attention(config: AttentionConfig = AttentionConfig()):

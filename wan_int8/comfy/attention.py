@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..attention import AttentionConfig, AttentionUnavailable, int8_attention, kernel_name, log_once, resolve_pv
+from ..attention import AttentionConfig, AttentionUnavailable, log_once, plan_call, run_planned
 
 log = logging.getLogger("wan_int8.comfy")
 
@@ -48,11 +48,11 @@ class Int8AttentionOverride:
         why = self._why_not(q, k, mask, kwargs)
         if why is None:
             try:
-                out, kernel = self._run(q, k, v, heads, kwargs)
+                out, pv_fp8, kernel = self._run(q, k, v, heads, kwargs)
             except AttentionUnavailable as exc:
                 why = str(exc)
             else:
-                pv = "fp8" if resolve_pv(self.config, q.device) else "16-bit"
+                pv = "fp8" if pv_fp8 else "16-bit"
                 head_dim = q.shape[-1] if kwargs.get("skip_reshape") else q.shape[-1] // heads
                 log_once(f"run {kernel} {pv} {head_dim}", logging.INFO, "wan-int8: INT8 attention (%s kernel; Q·K "
                          "INT8, P·V %s, head_dim %d) runs in place of ComfyUI's attention", kernel, pv, head_dim)
@@ -66,11 +66,11 @@ class Int8AttentionOverride:
             q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
         else:                                    # [B, L, H*D]
             q4, k4, v4 = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
-        out = int8_attention(q4, k4, v4, scale=kwargs.get("scale"), config=self.config)
-        kernel = kernel_name(self.config, q4, k4)
+        pv_fp8, kernel = plan_call(q4, k4, v4, self.config)      # decided once: run, then logged
+        out = run_planned(q4, k4, v4, kwargs.get("scale"), pv_fp8, self.config.smooth_k, kernel)
         if kwargs.get("skip_output_reshape"):    # ComfyUI then wants [B, H, L, D]
-            return out.transpose(1, 2), kernel
-        return out.flatten(-2), kernel
+            return out.transpose(1, 2), pv_fp8, kernel
+        return out.flatten(-2), pv_fp8, kernel
 
 
 def apply_int8_attention(patcher, pv: str = "auto", self_only: bool = False):
