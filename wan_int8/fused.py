@@ -303,6 +303,18 @@ def fused_block_unavailable(block, x: torch.Tensor, need_kernels: bool = True) -
     return None
 
 
+def log_decision(why: Optional[str], fallback: str) -> None:
+    """Say once which block runs: the fused one (`why` None or empty), else `fallback` (e.g. "ComfyUI's block")
+    and why not.  One message for every caller (our model, the ComfyUI hook)."""
+    from .attention import log_once
+    if why:
+        log_once(f"fused off: {fallback}: {why}", logging.INFO, "wan-int8: fused Wan block not used (%s); %s runs",
+                 why, fallback)
+    else:
+        log_once(f"fused on: {fallback}", logging.INFO, "wan-int8: Wan blocks run fused (norm+modulation+INT8 "
+                 "quantization, RMSNorm+RoPE, GELU and gated residual in the INT8 GEMM epilogue)")
+
+
 def fused_block_forward(block, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
                         context_img_len: Optional[int] = None, attention: Optional[AttentionFn] = None,
                         cross_attention: Optional[AttentionFn] = None) -> torch.Tensor:

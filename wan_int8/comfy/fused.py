@@ -19,7 +19,6 @@ import logging
 import weakref
 
 from .. import fused
-from ..attention import log_once
 
 log = logging.getLogger("wan_int8.comfy")
 
@@ -59,12 +58,9 @@ class FusedBlockReplace:
         model = self.model()
         block = model.blocks[self.index] if model is not None else None
         why = self._why_not(block, args)
+        fused.log_decision(why, "ComfyUI's block")
         if why:
-            log_once(f"comfy fused off {why}", logging.INFO, "wan-int8: fused Wan block not used (%s); ComfyUI's "
-                     "block runs", why)
             return original(args)
-        log_once("comfy fused on", logging.INFO, "wan-int8: Wan blocks run fused (norm+modulation+INT8 "
-                 "quantization, RMSNorm+RoPE, GELU and gated residual in the INT8 GEMM epilogue)")
         opts = args["transformer_options"]
         from comfy.ldm.modules.attention import optimized_attention
 

@@ -227,16 +227,12 @@ class WanAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
                 context_img_len: Optional[int] = None) -> torch.Tensor:
         if self.fused:
-            from ..attention import log_once
-            from ..fused import fused_block_forward, fused_block_unavailable
+            from ..fused import fused_block_forward, fused_block_unavailable, log_decision
             why = fused_block_unavailable(self, x, self.fused_needs_kernels)
+            log_decision(why, "the unfused block")
             if why is None:
-                log_once("fused block on", logging.INFO, "wan-int8: Wan blocks run fused (norm+modulation+INT8 "
-                         "quantization, RMSNorm+RoPE, GELU and gated residual in the GEMM epilogue)")
                 return fused_block_forward(self, x, e, freqs, context, context_img_len,
                                            self.self_attn.attention_fn, self.cross_attn.attention_fn)
-            log_once(f"fused block off: {why}", logging.INFO, "wan-int8: fused Wan block not used (%s); the "
-                     "unfused block runs", why)
         # e: [B, G, 6, D] -> six [B, G, D] (shift, scale, gate) x (attn, ffn), in the model dtype as ComfyUI;
         # G > 1 (per-frame timesteps, Wan 2.2 TI2V) is spread over the tokens as ComfyUI's repeat_e
         e = [repeat_e(p, x) for p in (self.modulation.to(x.dtype).unsqueeze(0) + e).unbind(2)]
