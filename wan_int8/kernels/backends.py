@@ -18,21 +18,19 @@ from typing import Optional
 
 import torch
 
-from ..quant.int8 import block_epilogue_reference, quantize_activation
-from .registry import ROT_KINDS, Backend, LinearCall, finish_output
+from ..quant.int8 import block_epilogue_reference
+from .registry import ROT_KINDS, Backend, LinearCall, finish_output, quantized_input
 
 log = logging.getLogger("wan_int8.kernels")
 
 
 def _quantize(call: LinearCall):
-    if call.prequantized:
-        return call.x, call.sx
     from .triton_backend import triton_available
-    if call.x.is_cuda and triton_available(call.x.device)[0]:
+    if not call.prequantized and call.x.is_cuda and triton_available(call.x.device)[0]:
         from .triton_quant import quantize_activation_triton
         rot = ROT_KINDS[call.rot_kind] if call.rot_kind else "none"
         return quantize_activation_triton(call.x, rot, call.rot_group, call.signs, call.input_scale)
-    return quantize_activation(call.x, call.rotation, call.input_scale)
+    return quantized_input(call)
 
 
 def _cublaslt_check(call: LinearCall) -> Optional[str]:
