@@ -107,14 +107,15 @@ def quantized_copy(model: nn.Module, kind: str, family: str = "wan") -> nn.Modul
 
 
 def attention_config(pv: str, model: nn.Module):
-    """The Triton kernel where it can run (a GPU, or TRITON_INTERPRET=1), else the torch oracle (the CPU)."""
+    """The GPU kernels where they can run (a GPU, or TRITON_INTERPRET=1; "auto" picks the Gluon or the Triton
+    kernel as the ComfyUI node does), else the torch oracle (the CPU)."""
     from .attention import AttentionConfig, unavailable_reason
     p = next(model.parameters())
     probe = torch.zeros(1, 1, 1, 128, device=p.device, dtype=torch.bfloat16)
     why = unavailable_reason(probe, probe, probe)
     if why is not None:
         log.info("accuracy: INT8 attention runs as the torch reference (%s)", why)
-    return AttentionConfig(pv=pv, backend="reference" if why else "triton")
+    return AttentionConfig(pv=pv, backend="reference" if why else "auto")
 
 
 def parse_lora(spec: str) -> Tuple[str, float]:
