@@ -48,13 +48,16 @@ METHODS = [
     "op_row",          # ours through torch.ops.wan_int8.int8_linear (backend forced to triton)
     "op_rot256",
     "op_group128",
-    "raw_row",         # ours, triton functions called directly (quantizer + GEMM)
+    "raw_row",         # ours, triton functions called directly (quantizer + GEMM; on Hopper the Gluon GEMM)
     "raw_rot256",
     "raw_group128",
+    "tri_row",         # as raw_, the GEMM pinned to the Triton kernel (persistent TMA; group: pointer kernel)
+    "tri_rot256",
+    "tri_group128",
     "gluon_row",       # quantizer + the experimental warp-specialised Gluon GEMM (Hopper, Triton 3.6)
     "gluon_group128",
     "gluongemm_row",   # that GEMM alone (pre-quantized A)
-    "gluongemm_group128",
+    "gluongemm_group128",   # gluon methods take ":s<stages>:g<GROUP_M>" suffixes (e.g. gluongemm_row:s3:g16)
     "gemm_row",        # ours, GEMM + epilogue only (pre-quantized A)
     "quant_row",       # ours, quantizer only (ratio = its time / bf16 linear time)
     "quant_rot256",
@@ -207,7 +210,7 @@ def build(method, x, prep, cuda):
         if rot:
             return lambda: fn(x, wt.qdata, wt.scale, None, torch.bfloat16, convrot=True, convrot_groupsize=256)
         return lambda: fn(x, wt.qdata, wt.scale, None, torch.bfloat16)
-    layout = method.split("_", 1)[1]
+    layout = method.split(":")[0].split("_", 1)[1]
     if method.startswith("op_"):
         from wan_int8.kernels.ops import int8_linear
         _force_triton()
@@ -225,6 +228,13 @@ def build(method, x, prep, cuda):
             xq, sx = quantize_activation_triton(x, kind, group)
             return int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.bfloat16)
         return raw
+    if method.startswith("tri_"):
+        variant = "ptr" if wt.scale.dim() == 2 else "tma"
+
+        def tri():
+            xq, sx = quantize_activation_triton(x, kind, group)
+            return int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.bfloat16, variant=variant)
+        return tri
     if method.startswith("gemm_"):
         xq, sx = quantize_activation_triton(x, kind, group)
         return lambda: int8_gemm(xq, wt.qdata, sx, wt.scale, None, torch.bfloat16)
@@ -232,15 +242,27 @@ def build(method, x, prep, cuda):
         return lambda: quantize_activation_triton(x, kind, group)
     if method.startswith("gluon"):
         from wan_int8.kernels.gluon_gemm import ws_gemm
+        opts = gluon_options(method)
         if method.startswith("gluongemm_"):
             xq, sx = quantize_activation_triton(x, kind, group)
-            return lambda: ws_gemm(xq, wt.qdata, sx, wt.scale)
+            return lambda: ws_gemm(xq, wt.qdata, sx, wt.scale, **opts)
 
         def gluon_whole():
             xq, sx = quantize_activation_triton(x, kind, group)
-            return ws_gemm(xq, wt.qdata, sx, wt.scale)
+            return ws_gemm(xq, wt.qdata, sx, wt.scale, **opts)
         return gluon_whole
     raise ValueError(f"unknown method {method!r}")
+
+
+def gluon_options(method):
+    """`gluongemm_row:s4:g16` -> dict(stages=4, group_m=16): the Gluon GEMM's knobs, for sweeps."""
+    names = {"s": "stages", "g": "group_m"}
+    opts = {}
+    for part in method.split(":")[1:]:
+        if part[:1] not in names or not part[1:].isdigit():
+            raise ValueError(f"{method!r}: suffixes are :s<stages> and :g<GROUP_M>")
+        opts[names[part[0]]] = int(part[1:])
+    return opts
 
 
 def check_quant(method, x, out):
@@ -429,7 +451,7 @@ def main(argv=None):
         shapes = parse_shapes(args.shapes) if args.shapes else (QUICK_SHAPES if args.quick else ALL_SHAPES)
         default_methods = METHODS
     methods = [s.strip() for s in args.methods.split(",") if s.strip()] or default_methods
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.split(":")[0] not in METHODS or (":" in m and not m.startswith("gluon"))]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {METHODS}")
     if "bf16" not in methods:

@@ -54,17 +54,46 @@ def test_ws_gemm_says_where_it_cannot_run():
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["group128", "row"])
-@pytest.mark.parametrize("m,n,k,with_bias", [(300, 200, 512, True), (128, 128, 128, False), (1000, 384, 1280, True)])
-def test_ws_gemm_matches_float64(m, n, k, with_bias, grouped):
+@pytest.mark.parametrize("m,n,k,with_bias,group_m", [(300, 200, 512, True, 8), (128, 128, 128, False, 8),
+                                                     (1000, 384, 1280, True, 8), (1000, 1024, 256, False, 3)])
+def test_ws_gemm_matches_float64(m, n, k, with_bias, group_m, grouped):
     """GPU (Hopper) only: fp32 output within one rounding per K-group of the float64 result (rtol 1e-5 of the
-    row's magnitude, as for the Triton GEMMs); ragged M and N; bf16 output within bf16 rounding."""
+    row's magnitude, as for the Triton GEMMs); ragged M and N; bf16 output within bf16 rounding.  GROUP_M=3 over
+    8 row tiles leaves a short last group (tile order must still cover every tile once)."""
     a, b, sx, sw, bias = _operands(m, n, k, seed=m + n + k, device=DEVICE, grouped=grouped)
     if gluon_gemm.unavailable(a, b, sw) is not None:
         pytest.skip(gluon_gemm.unavailable(a, b, sw))
     bias = bias if with_bias else None
     ref = _reference(a, b, sx, sw, bias)
-    out = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.float32)
+    out = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.float32, group_m=group_m)
     scale = ref.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
     assert ((out.double() - ref).abs() / scale).max() < 1e-5
     out16 = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.bfloat16)
     assert ((out16.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * scale).all()
+
+
+def test_int8_gemm_takes_the_gluon_kernel_only_where_it_should():
+    """The Triton GEMM's dispatcher: on a CPU (interpreter) a forced "gluon" variant is refused with the reason;
+    on a Hopper GPU (Triton 3.6) a large-M row-scale call runs the Gluon plan and matches float64, a small-M
+    call and a LoRA call keep the Triton kernel."""
+    from wan_int8.kernels import triton_gemm
+    m = 1040 if DEVICE == "cuda" else 32
+    a, b, sx, sw, bias = _operands(m, 256, 256, seed=5, device=DEVICE, grouped=False)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="Gluon GEMM cannot run"):
+            triton_gemm.int8_gemm(a, b, sx, sw, None, torch.float32, variant="gluon")
+        return
+    if gluon_gemm.unavailable(a, b, sw) is not None:
+        pytest.skip(gluon_gemm.unavailable(a, b, sw))
+    triton_gemm._PLANS.clear()
+    out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32)
+    kinds = [type(p[0]).__name__ for p in triton_gemm._PLANS.values()]
+    assert kinds == ["_GluonPlan"]
+    ref = _reference(a, b, sx, sw, bias)
+    scale = ref.abs().amax(dim=1, keepdim=True)
+    assert ((out.double() - ref).abs() / scale).max() < 1e-5
+    triton_gemm.int8_gemm(a[:512], b, sx[:512], sw, bias, torch.float32)
+    lt = torch.randn(m, 16, device=DEVICE)
+    triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32, lora_t=lt, lora_b=torch.randn(256, 16, device=DEVICE))
+    kinds = [type(p[0]).__name__ for p in triton_gemm._PLANS.values()]
+    assert kinds.count("_GluonPlan") == 1 and len(kinds) == 3

@@ -31,6 +31,7 @@ import triton
 
 from .gluon_common import TensorDescriptor, gl, gluon, hopper_unavailable, mbarrier, tma, warpgroup_mma
 from .gluon_common import fence_async_shared, warpgroup_mma_wait
+from .triton_gemm import _num_sms
 
 BLOCK_M = 128                 # two consumers x 64 rows
 BLOCK_N = {True: 128, False: 256}   # per scale mode (grouped: two int32 tiles and the fp32 sum per consumer)
@@ -56,19 +57,27 @@ def unavailable(a: torch.Tensor, b: torch.Tensor, sw: torch.Tensor) -> Optional[
 if gluon is not None:
 
     @gluon.jit
+    def _tile_offsets(tile, tiles_m, tiles_n, BN: gl.constexpr, GROUP_M: gl.constexpr):
+        """Row and column offsets of tile number `tile`: GROUP_M row tiles sweep N together, so a wave of
+        programs shares its A and B tiles through L2 (a wave walking M alone streams all of A once per column)."""
+        in_group = GROUP_M * tiles_n
+        first_m = (tile // in_group) * GROUP_M
+        size_m = gl.minimum(tiles_m - first_m, GROUP_M)
+        return (first_m + tile % size_m) * (2 * 64), ((tile % in_group) // size_m) * BN
+
+    @gluon.jit
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr):
         """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
         (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
          stride_sw) = t
         step_bytes: gl.constexpr = (2 * 64 + BN) * BLOCK_K
         steps = K // BLOCK_K
         tiles_m = gl.cdiv(M, 2 * 64)
-        n_tiles = tiles_m * gl.cdiv(N, BN)
+        tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps loaded so far by this program: the stage ring runs across tiles
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            off_m = (tile % tiles_m) * (2 * 64)
-            off_n = (tile // tiles_m) * BN
+        for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
             for i in range(steps):
                 s = j % STAGES
                 mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
@@ -105,6 +114,9 @@ if gluon is not None:
         f_ok = offs_f < N
         sw_row = sw_ptr + offs_f * stride_sw
         acc_f = gl.zeros([64, BN], gl.float32, layout)
+        # a group's scales are loaded one K step before their fold needs them (an L2 round trip per step
+        # otherwise sits between the MMAs)
+        sw_next = gl.load(sw_row, mask=f_ok, other=0.0)
         s = j % STAGES
         mbarrier.wait(ready.index(s), (j // STAGES) & 1)
         tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
@@ -114,14 +126,16 @@ if gluon is not None:
         j += 1
         for i in range(1, steps):
             s = j % STAGES
+            sw_cur = sw_next
+            sw_next = gl.load(sw_row + i, mask=f_ok, other=0.0)
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
             tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
                                 gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
-            acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (i - 1), mask=f_ok, other=0.0), col))
+            acc_f = _fold(acc_f, prev, gl.convert_layout(sw_cur, col))
             prev = warpgroup_mma_wait(0, deps=(tok,))
             mbarrier.arrive(empty.index(s), count=1)
             j += 1
-        acc_f = _fold(acc_f, prev, gl.convert_layout(gl.load(sw_row + (steps - 1), mask=f_ok, other=0.0), col))
+        acc_f = _fold(acc_f, prev, gl.convert_layout(sw_next, col))
         return acc_f, j
 
     @gluon.jit
@@ -147,7 +161,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr):
         """Rows [CID*64, CID*64 + 64) of each of the program's tiles."""
         (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
          stride_sw) = t
@@ -157,11 +171,11 @@ if gluon is not None:
                                                          instr_shape=[16, INSTR_N, 32])
         steps = K // BLOCK_K
         tiles_m = gl.cdiv(M, 2 * 64)
-        n_tiles = tiles_m * gl.cdiv(N, BN)
+        tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps consumed so far by this program (the producer's counter)
-        for tile in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            off_m = (tile % tiles_m) * (2 * 64) + CID * 64
-            off_n = (tile // tiles_m) * BN
+        for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
+            off_m += CID * 64
             if GROUPED:
                 y, j = _group_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps, layout,
                                    STAGES, BN, CID)
@@ -183,7 +197,7 @@ if gluon is not None:
     @gluon.jit
     def _ws_gemm_kernel(a_desc, b_desc, c_desc, sx_ptr, sw_ptr, bias_ptr, M, N, K, stride_sw,
                         HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
-                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)     # one per consumer
@@ -194,26 +208,43 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=2)
         t = (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
              stride_sw)
-        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED))],
+        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 DEFAULT_STAGES = {True: 4, False: 3}   # shared memory: grouped 4 x 32 KB + 2 x 16 KB; row 3 x 48 KB + 2 x 32 KB
+# H100, M=32760, Wan-14B shapes: GROUP_M 16 ahead of 8 (1.88x vs 1.84x bf16, GEMM alone) and of 1 (1.63x)
+DEFAULT_GROUP_M = 16
+SHARED_LIMIT = 232448                  # bytes per block on sm_90
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def stages_that_fit(grouped: bool, out_dtype: torch.dtype, wanted: Optional[int] = None) -> int:
+    """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages and the two consumers' output
+    tiles would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
+    bn = BLOCK_N[grouped]
+    step = (BLOCK_M + bn) * BLOCK_K
+    out_tiles = 2 * 64 * bn * torch.empty((), dtype=out_dtype).element_size()
+    fit = (SHARED_LIMIT - out_tiles - 1024) // step
+    return max(1, min(wanted or DEFAULT_STAGES[grouped], fit))
 
 
 def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
             bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-            stages: Optional[int] = None) -> torch.Tensor:
+            stages: Optional[int] = None, group_m: int = DEFAULT_GROUP_M,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N] (row) or [N, K/128] (group) fp32,
-    bias [N] or None -> [M, N] in out_dtype.  Raises RuntimeError (with the reason) where it cannot run."""
+    bias [N] or None -> [M, N] in out_dtype (into `out`, contiguous, when given).  Raises RuntimeError (with the
+    reason) where it cannot run."""
     why = unavailable(a, b, sw)
     if why is None and out_dtype not in _GL_DTYPES:
         why = f"output dtype {out_dtype}"
     if why is None and (b.shape[0] * torch.empty((), dtype=out_dtype).element_size()) % 16:
         why = f"N={b.shape[0]}: output rows must be 16-byte aligned for the TMA store"
+    if why is None and out is not None and (not out.is_contiguous() or out.dtype != out_dtype):
+        why = "the output must be a contiguous tensor of the output dtype"
     if why is not None:
         raise RuntimeError(f"Gluon GEMM: {why}")
     grouped = sw.dim() == 2
@@ -221,16 +252,17 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     n = b.shape[0]
     bn = BLOCK_N[grouped]
     sw = sw.contiguous()
-    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
     b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gl.int8))
     c_desc = TensorDescriptor.from_tensor(c, [64, bn], gl.NVMMASharedLayout.get_default_for(
         [64, bn], getattr(gl, _GL_DTYPES[out_dtype])))
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn)
-    grid = (min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count),)   # persistent
+    grid = (min(tiles, _num_sms(a.device)),)   # persistent
     _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
                           sw.stride(0) if grouped else 0, HAS_BIAS=bias is not None, GROUPED=grouped,
-                          BLOCK_K=BLOCK_K, BN=bn, STAGES=stages or DEFAULT_STAGES[grouped],
-                          CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                          BLOCK_K=BLOCK_K, BN=bn, STAGES=stages_that_fit(grouped, out_dtype, stages),
+                          GROUP_M=group_m, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return c
+

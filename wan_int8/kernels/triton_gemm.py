@@ -21,10 +21,13 @@ the largest partial for group scales); bf16/fp16 outputs to 1 ulp of the output 
 Dispatch: one `@triton.jit` kernel; autotuned wrappers are built lazily per (architecture class, scale mode,
 group size, small-M) from short explicit config lists, keyed on (M bucket, N, K) where the M bucket is the
 next power of two of M, capped, so videos of different lengths do not re-tune.  `set_config_override`
-replaces every list (tests use one tiny config; the CPU interpreter is slow).
+replaces every list (tests use one tiny config; the CPU interpreter is slow).  On Hopper, calls with M > 1024
+and no LoRA or block epilogue go to the warp-specialised Gluon GEMM (`gluon_gemm.py`, Triton 3.6) instead,
+where it can take them (`_gluon_refusal`); it computes the same epilogue in the same order.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -34,6 +37,8 @@ import triton
 import triton.language as tl
 
 from .triton_launch import interpreting
+
+log = logging.getLogger("wan_int8.kernels")
 
 M_BUCKET_CAP = 8192
 SMALL_M = 64
@@ -599,8 +604,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
     (unit stride along N) gives `residual + y * gate[row]` with `gate [B, G, N]` (unit stride along N; row m is
     token m % seq of batch m // seq, gate row (m // seq, (m % seq) // per)), or `residual + y` without a gate.
 
-    `variant`: "ptr" (grid of tiles, pointer loads), "persistent" (persistent, pointer loads) or "tma"
-    (persistent, tensor descriptors); default: "tma" where PERSISTENT_DEFAULT and supported, else "ptr".
+    `variant`: "ptr" (grid of tiles, pointer loads), "persistent" (persistent, pointer loads), "tma"
+    (persistent, tensor descriptors) or "gluon" (`gluon_gemm.ws_gemm`, Hopper); default: "gluon" where
+    GLUON_DEFAULT and `_gluon_refusal` allows, else "tma" where PERSISTENT_DEFAULT and supported, else "ptr".
     `config` (benchmarks): one explicit configuration (dict as `_c` makes) instead of autotuning.
 
     `sw` is fp32: a scalar (tensor-wise), `[N]` (row-wise) or `[N, K/g]` (group-wise).  `a` and `b` may have
@@ -761,12 +767,60 @@ def _prune_configs(configs, named_args, **kwargs):
     return configs
 
 
+# Hopper, M > 1024, no LoRA or block epilogue: the warp-specialised Gluon GEMM (gluon_gemm.py) where it can run.
+# H100 (Triton 3.6, M=32760, Wan-14B shapes, GEMM alone): 1.75-1.95x bf16 where the persistent TMA kernel ran
+# 1.51-1.59x; group scales 0.85-0.95x where the Triton kernel's whole linear ran 0.69-0.79x.
+# WAN_INT8_GEMM_GLUON=0 turns it off.
+GLUON_DEFAULT = os.environ.get("WAN_INT8_GEMM_GLUON", "1") == "1"
+_GLUON_LOGGED: set = set()
+
+
+class _GluonPlan:
+    """A plan entry running `gluon_gemm.ws_gemm` (same hot-path interface as `triton_launch.Launcher.keyed`)."""
+
+    def __init__(self, has_bias: bool):
+        from .gluon_gemm import ws_gemm
+        self.ws_gemm = ws_gemm
+        self.has_bias = has_bias
+
+    def keyed(self, spec, grid, args):
+        a, b, c, sx, sw, bias = args[:6]
+        self.ws_gemm(a, b, sx, sw, bias if self.has_bias else None, c.dtype, out=c)
+
+
+def _gluon_refusal(a, b, c, sw, m, mode, lsig, epi) -> Optional[str]:
+    """None when the Gluon GEMM takes this call; else why not: "" for calls it is not meant for (off Hopper,
+    M <= 1024, tensor-wise scales, LoRA, block epilogues: nothing to log), the reason otherwise."""
+    if not GLUON_DEFAULT or m <= 1024 or _arch_cached(a.device) != "hopper":
+        return ""
+    if mode == SW_TENSOR or lsig is not None or epi.get("ACT") or epi.get("RES"):
+        return ""            # tensor-wise scales, LoRA, block epilogues: the Triton kernel's features
+    from .gluon_gemm import unavailable
+    why = unavailable(a, b, sw)
+    if why is None and not c.is_contiguous():
+        why = "a strided output tensor"
+    if why is None and (c.shape[1] * c.element_size()) % 16:
+        why = f"N={c.shape[1]}: output rows not 16-byte aligned"
+    return why
+
+
 def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsig, epi, res_flags):
     """Resolve the variant and configuration for one call signature (autotuning if needed), run the call, and
     return the plan later calls of the signature launch directly."""
     from .triton_launch import Launcher
     arch = _arch_cached(a.device)
     k = a.shape[1]
+    if variant == "gluon" or variant is None and config is None:
+        why = _gluon_refusal(a, b, c, args[4], m, mode, lsig, epi)
+        if variant == "gluon" and why is not None:
+            raise ValueError(f"the Gluon GEMM cannot run this call: {why or 'not a Hopper call with M > 1024'}")
+        if why is None:
+            plan = _GluonPlan(has_bias)
+            plan.keyed(None, None, args)
+            return plan, 1, 1, False
+        if why and why not in _GLUON_LOGGED:
+            _GLUON_LOGGED.add(why)
+            log.info("INT8 GEMM: the warp-specialised Gluon kernel is not used (%s); the Triton kernel runs", why)
     if variant is None:
         variant = "ptr"
         if PERSISTENT_DEFAULT and arch == "hopper" and m > 1024 and mode != SW_GROUP \
