@@ -55,7 +55,7 @@ def test_ws_gemm_says_where_it_cannot_run():
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["group128", "row"])
 @pytest.mark.parametrize("m,n,k,with_bias,group_m", [(300, 200, 512, True, 8), (128, 128, 128, False, 8),
-                                                     (1000, 384, 1280, True, 8), (1000, 1024, 256, False, 3)])
+                                                     (1000, 384, 1280, True, 8), (1000, 1024, 384, False, 3)])
 def test_ws_gemm_matches_float64(m, n, k, with_bias, group_m, grouped):
     """GPU (Hopper) only: fp32 output within one rounding per K-group of the float64 result (rtol 1e-5 of the
     row's magnitude, as for the Triton GEMMs); ragged M and N; bf16 output within bf16 rounding.  GROUP_M=3 over
@@ -97,3 +97,60 @@ def test_int8_gemm_takes_the_gluon_kernel_only_where_it_should():
     triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32, lora_t=lt, lora_b=torch.randn(256, 16, device=DEVICE))
     kinds = [type(p[0]).__name__ for p in triton_gemm._PLANS.values()]
     assert kinds.count("_GluonPlan") == 1 and len(kinds) == 3
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["group128", "row"])
+@pytest.mark.parametrize("act,res", [(1, 0), (0, 2), (0, 1), (1, 1)], ids=["gelu", "residual", "gated", "gelu-gated"])
+def test_ws_gemm_block_epilogue_matches_float64(act, res, grouped):
+    """GPU (Hopper) only: GELU (tanh) and the (gated) residual in the epilogue against float64 (the gate's rows
+    change inside a 64-row consumer tile: batches of 500 tokens, gate rows of 256 tokens)."""
+    from wan_int8.quant.int8 import gated_rows
+    m, n, k, seq, per = 1000, 384, 512, 500, 256
+    a, b, sx, sw, bias = _operands(m, n, k, seed=11 + act + res, device=DEVICE, grouped=grouped)
+    if gluon_gemm.unavailable(a, b, sw) is not None:
+        pytest.skip(gluon_gemm.unavailable(a, b, sw))
+    g = torch.Generator().manual_seed(3)
+    y = _reference(a, b, sx, sw, bias)
+    if act:
+        y = 0.5 * y * (1 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y ** 3)))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        residual = gate = None
+        ref = y
+        if res:
+            residual = torch.randn(m, n, generator=g).to(DEVICE, out_dtype)
+            gate = torch.randn(2, 2, n, generator=g).to(DEVICE) if res == 1 else None
+            ref = residual.double() + (y * gated_rows(gate.double(), m, seq, per) if res == 1 else y)
+        out = gluon_gemm.ws_gemm(a, b, sx, sw, bias, out_dtype, act=act, residual=residual, gate=gate,
+                                 seq=seq, per=per)
+        scale = ref.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+        if out_dtype == torch.float32:
+            assert ((out.double() - ref).abs() / scale).max() < 1e-5
+        else:
+            assert ((out.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5 * scale).all()
+
+
+def test_int8_gemm_sends_block_epilogues_to_the_gluon_kernel():
+    """GPU (Hopper) only: a GELU call and a gated-residual call through `int8_gemm` run Gluon plans and match the
+    torch epilogue reference; a gate whose rows are shared by runs shorter than 256 tokens keeps the Triton
+    kernel."""
+    from wan_int8.kernels import triton_gemm
+    from wan_int8.quant.int8 import block_epilogue_reference
+    m, n, k = 2048, 256, 256
+    a, b, sx, sw, bias = _operands(m, n, k, seed=21, device=DEVICE, grouped=False)
+    if gluon_gemm.unavailable(a, b, sw) is not None:
+        pytest.skip(gluon_gemm.unavailable(a, b, sw))
+    g = torch.Generator().manual_seed(4)
+    residual = torch.randn(m, n, generator=g).to(DEVICE, torch.float32)
+    gate = torch.randn(2, 1, n, generator=g).to(DEVICE)
+    y = _reference(a, b, sx, sw, bias)
+    triton_gemm._PLANS.clear()
+    out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32, act=1, residual=residual, gate=gate, seq=1024)
+    ref = block_epilogue_reference(y, 1, residual.double(), gate.double(), 1024, 1024)
+    scale = ref.abs().amax(dim=1, keepdim=True)
+    assert ((out.double() - ref).abs() / scale).max() < 1e-5
+    assert [type(p[0]).__name__ for p in triton_gemm._PLANS.values()] == ["_GluonPlan"]
+    short = torch.randn(2, 8, n, generator=g).to(DEVICE)          # gate rows of 128 tokens
+    out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32, residual=residual, gate=short, seq=1024, per=128)
+    ref = block_epilogue_reference(y, 0, residual.double(), short.double(), 1024, 128)
+    assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
+    assert [type(p[0]).__name__ for p in triton_gemm._PLANS.values()].count("_GluonPlan") == 1

@@ -34,7 +34,8 @@ from .gluon_common import fence_async_shared, warpgroup_mma_wait
 from .triton_gemm import _num_sms
 
 BLOCK_M = 128                 # two consumers x 64 rows
-BLOCK_N = {True: 128, False: 256}   # per scale mode (grouped: two int32 tiles and the fp32 sum per consumer)
+WIDE_N, NARROW_N = 256, 128  # tile widths: row scales, or (narrow) group scales -- two int32 tiles and the fp32
+                              # sum per consumer -- and residual epilogues (the residual tile beside y: spills)
 BLOCK_K = 128                 # = the group size
 CONSUMER_REGS = 232           # per consumer thread; the producer keeps 48
 
@@ -69,8 +70,8 @@ if gluon is not None:
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr):
         """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
-        (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
-         stride_sw) = t
+        (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
+         gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg) = t
         step_bytes: gl.constexpr = (2 * 64 + BN) * BLOCK_K
         steps = K // BLOCK_K
         tiles_m = gl.cdiv(M, 2 * 64)
@@ -102,10 +103,31 @@ if gluon is not None:
         return gl.convert_layout(v, gl.SliceLayout(0, layout))
 
     @gluon.jit
+    def _group_step(j, i, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f, part, sw_part,
+                    layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
+        """K step i: issue its wgmma into a fresh int32 tile, fold the previous group's `part` with its scales
+        `sw_part` while it runs, wait.  Returns (acc_f, this step's tile, its scales loaded for the next fold, j)."""
+        col: gl.constexpr = gl.SliceLayout(0, layout)
+        # this group's scales are loaded a K step before their fold (an L2 round trip otherwise stalls the fold)
+        sw_next = gl.load(sw_row + i, mask=f_ok, other=0.0)
+        s = j % STAGES
+        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
+                            gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
+        acc_f = _fold(acc_f, part, gl.convert_layout(sw_part, col))
+        tile = warpgroup_mma_wait(0, deps=(tok,))
+        mbarrier.arrive(empty.index(s), count=1)
+        return acc_f, tile, sw_next, j + 1
+
+    @gluon.jit
     def _group_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps,
                     layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
         """One tile's K loop with group scales: group g's wgmma runs while group g-1 is folded.  Returns the fp32
-        tile (sx not applied) and the updated step counter."""
+        tile (sx not applied) and the updated step counter.
+
+        The loop is unrolled by two with the int32 tiles alternating (a, b): with one loop-carried tile the
+        compiler copied each finished tile out of the wgmma's registers (64 MOVs per step after the wait, run 35's
+        SASS), serialised with the tensor cores."""
         col: gl.constexpr = gl.SliceLayout(0, layout)
         # the group scales are loaded one per thread and then spread to the accumulator's column layout (a
         # pointer per accumulator column would hold 32 64-bit addresses per thread across the loop: spills)
@@ -114,28 +136,21 @@ if gluon is not None:
         f_ok = offs_f < N
         sw_row = sw_ptr + offs_f * stride_sw
         acc_f = gl.zeros([64, BN], gl.float32, layout)
-        # a group's scales are loaded one K step before their fold needs them (an L2 round trip per step
-        # otherwise sits between the MMAs)
-        sw_next = gl.load(sw_row, mask=f_ok, other=0.0)
-        s = j % STAGES
-        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-        tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
-                            gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
-        prev = warpgroup_mma_wait(0, deps=(tok,))
-        mbarrier.arrive(empty.index(s), count=1)
-        j += 1
-        for i in range(1, steps):
-            s = j % STAGES
-            sw_cur = sw_next
-            sw_next = gl.load(sw_row + i, mask=f_ok, other=0.0)
-            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-            tok = warpgroup_mma(a_bufs.index(s).slice(CID * 64, 64), b_bufs.index(s).permute((1, 0)),
-                                gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
-            acc_f = _fold(acc_f, prev, gl.convert_layout(sw_cur, col))
-            prev = warpgroup_mma_wait(0, deps=(tok,))
-            mbarrier.arrive(empty.index(s), count=1)
-            j += 1
-        acc_f = _fold(acc_f, prev, gl.convert_layout(sw_next, col))
+        # step 0: nothing to fold yet (a zero tile with zero scales)
+        acc_f, tile_a, sw_a, j = _group_step(j, 0, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f,
+                                             gl.zeros([64, BN], gl.int32, layout),
+                                             gl.zeros([BN], gl.float32, flat), layout, STAGES, BN, CID)
+        for i in range(1, steps - 1, 2):
+            acc_f, tile_b, sw_b, j = _group_step(j, i, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f, tile_a,
+                                                 sw_a, layout, STAGES, BN, CID)
+            acc_f, tile_a, sw_a, j = _group_step(j, i + 1, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f,
+                                                 tile_b, sw_b, layout, STAGES, BN, CID)
+        if steps % 2 == 0:
+            acc_f, tile_b, sw_b, j = _group_step(j, steps - 1, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f,
+                                                 tile_a, sw_a, layout, STAGES, BN, CID)
+            acc_f = _fold(acc_f, tile_b, gl.convert_layout(sw_b, col))
+        else:
+            acc_f = _fold(acc_f, tile_a, gl.convert_layout(sw_a, col))
         return acc_f, j
 
     @gluon.jit
@@ -160,11 +175,35 @@ if gluon is not None:
         return acc.to(gl.float32) * _columns(sw_ptr, off_n, N, layout, BN)[None, :], j
 
     @gluon.jit
+    def _gelu_tanh(y):
+        """GELU, tanh approximation, as `triton_gemm._gelu_tanh` (the same fp32 operations)."""
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        return 0.5 * y * (2.0 - 2.0 / (gl.exp(2.0 * gl.minimum(u, 20.0)) + 1.0))
+
+    @gluon.jit
+    def _gate_tile(gate_ptr, off_m, offs_m, off_n, N, M, SEQ, PER, stride_gb, stride_gg,
+                   layout: gl.constexpr, BN: gl.constexpr):
+        """The gate for a tile's 64 rows, which span at most two gate rows (the dispatcher checks that every run
+        of tokens sharing a gate row is at least 256 long), as `triton_gemm._gate_rows`."""
+        first = off_m.to(gl.int64)
+        b = first // SEQ
+        grp = (first - b * SEQ) // PER
+        change = b * SEQ + gl.minimum((grp + 1) * PER, SEQ)
+        nb = change // SEQ
+        r0 = b * stride_gb + grp * stride_gg
+        r1 = nb * stride_gb + ((change - nb * SEQ) // PER) * stride_gg
+        r1 = gl.where(change < M, r1, r0)
+        g0 = _columns(gate_ptr + r0, off_n, N, layout, BN)
+        g1 = _columns(gate_ptr + r1, off_n, N, layout, BN)
+        return gl.where((offs_m < change)[:, None], g0[None, :], g1[None, :])
+
+    @gluon.jit
     def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr, ACT: gl.constexpr,
+                  RES: gl.constexpr, OUT_BYTES: gl.constexpr):
         """Rows [CID*64, CID*64 + 64) of each of the program's tiles."""
-        (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
-         stride_sw) = t
+        (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
+         gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg) = t
         # (an int8 wgmma of N = 256 does not lower in Triton 3.6: 256-wide tiles are two N = 128 instructions)
         INSTR_N: gl.constexpr = 128 if BN > 128 else BN
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -173,6 +212,7 @@ if gluon is not None:
         tiles_m = gl.cdiv(M, 2 * 64)
         tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps consumed so far by this program (the producer's counter)
+        r_phase = 0
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
             off_m += CID * 64
@@ -185,84 +225,121 @@ if gluon is not None:
             y = y * gl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
             if HAS_BIAS:
                 y = y + _columns(bias_ptr, off_n, N, layout, BN)[None, :]
-            # through shared memory and one TMA store (it clips the M and N tails); the previous tile's store
+            if ACT == 1:
+                y = _gelu_tanh(y)
+            # out through shared memory and one TMA store (it clips the M and N tails); the previous tile's store
             # must have left this consumer's buffer first
             c_smem = c_bufs.index(CID)
             tma.store_wait(0)
+            if RES > 0:
+                # the residual tile (the output's dtype) comes by TMA into the same buffer; each warp then reads
+                # and overwrites only its own fragment, so no barrier is needed between the load and the store
+                mbarrier.expect(rbar.index(CID), 64 * BN * OUT_BYTES)
+                tma.async_copy_global_to_shared(r_desc, [off_m, off_n], rbar.index(CID), c_smem)
+                mbarrier.wait(rbar.index(CID), r_phase)
+                r_phase ^= 1
+                r = c_smem.load(layout).to(gl.float32)
+                if RES == 1:
+                    y = r + y * _gate_tile(gate_ptr, off_m, offs_m, off_n, N, M, SEQ, PER, stride_gb, stride_gg,
+                                           layout, BN)
+                else:
+                    y = r + y
             c_smem.store(y.to(c_desc.dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(0)
 
     @gluon.jit
-    def _ws_gemm_kernel(a_desc, b_desc, c_desc, sx_ptr, sw_ptr, bias_ptr, M, N, K, stride_sw,
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, r_desc, sx_ptr, sw_ptr, bias_ptr, gate_ptr, M, N, K, stride_sw,
+                        SEQ, PER, stride_gb, stride_gg,
                         HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
-                        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                        ACT: gl.constexpr, RES: gl.constexpr, OUT_BYTES: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)     # one per consumer
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        rbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())    # residual tiles
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        t = (a_desc, b_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, sx_ptr, sw_ptr, bias_ptr, M, N, K,
-             stride_sw)
+        for i in gl.static_range(2):
+            mbarrier.init(rbar.index(i), count=1)
+        t = (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
+             gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg)
         gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M))],
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
-DEFAULT_STAGES = {True: 4, False: 3}   # shared memory: grouped 4 x 32 KB + 2 x 16 KB; row 3 x 48 KB + 2 x 32 KB
+DEFAULT_STAGES = {NARROW_N: 4, WIDE_N: 3}   # shared memory: 4 x 32 KB + 2 x 16 KB; 3 x 48 KB + 2 x 32 KB
 # H100, M=32760, Wan-14B shapes: GROUP_M 16 ahead of 8 (1.88x vs 1.84x bf16, GEMM alone) and of 1 (1.63x)
 DEFAULT_GROUP_M = 16
 SHARED_LIMIT = 232448                  # bytes per block on sm_90
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def stages_that_fit(grouped: bool, out_dtype: torch.dtype, wanted: Optional[int] = None) -> int:
+def tile_width(grouped: bool, residual: bool) -> int:
+    return NARROW_N if grouped or residual else WIDE_N
+
+
+def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = None) -> int:
     """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages and the two consumers' output
     tiles would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
-    bn = BLOCK_N[grouped]
     step = (BLOCK_M + bn) * BLOCK_K
     out_tiles = 2 * 64 * bn * torch.empty((), dtype=out_dtype).element_size()
     fit = (SHARED_LIMIT - out_tiles - 1024) // step
-    return max(1, min(wanted or DEFAULT_STAGES[grouped], fit))
+    return max(1, min(wanted or DEFAULT_STAGES[bn], fit))
 
 
 def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
             bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
             stages: Optional[int] = None, group_m: int = DEFAULT_GROUP_M,
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+            out: Optional[torch.Tensor] = None, act: int = 0, residual: Optional[torch.Tensor] = None,
+            gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
     """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N] (row) or [N, K/128] (group) fp32,
-    bias [N] or None -> [M, N] in out_dtype (into `out`, contiguous, when given).  Raises RuntimeError (with the
-    reason) where it cannot run."""
+    bias [N] or None -> [M, N] in out_dtype (into `out`, contiguous, when given).
+
+    Block epilogue as `triton_gemm.int8_gemm`'s (`quant.int8.block_epilogue_reference`): act 1 = GELU (tanh);
+    `residual [M, N]` (out_dtype, contiguous) plus `y * gate[row]` (`gate [B, G, N]`, unit stride along N, every
+    run of `per` tokens sharing a gate row at least 64 long) or plus `y`.
+    Raises RuntimeError (with the reason) where it cannot run."""
     why = unavailable(a, b, sw)
+    esize = torch.empty((), dtype=out_dtype).element_size()
     if why is None and out_dtype not in _GL_DTYPES:
         why = f"output dtype {out_dtype}"
-    if why is None and (b.shape[0] * torch.empty((), dtype=out_dtype).element_size()) % 16:
+    if why is None and (b.shape[0] * esize) % 16:
         why = f"N={b.shape[0]}: output rows must be 16-byte aligned for the TMA store"
     if why is None and out is not None and (not out.is_contiguous() or out.dtype != out_dtype):
         why = "the output must be a contiguous tensor of the output dtype"
+    if why is None and residual is not None and (residual.dtype != out_dtype or not residual.is_contiguous()
+                                                 or residual.shape != (a.shape[0], b.shape[0])):
+        why = "the residual must be a contiguous [M, N] tensor of the output dtype (it is loaded by TMA)"
     if why is not None:
         raise RuntimeError(f"Gluon GEMM: {why}")
     grouped = sw.dim() == 2
     m, k = a.shape
     n = b.shape[0]
-    bn = BLOCK_N[grouped]
+    bn = tile_width(grouped, residual is not None)
     sw = sw.contiguous()
     c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
     b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gl.int8))
-    c_desc = TensorDescriptor.from_tensor(c, [64, bn], gl.NVMMASharedLayout.get_default_for(
-        [64, bn], getattr(gl, _GL_DTYPES[out_dtype])))
+    c_layout = gl.NVMMASharedLayout.get_default_for([64, bn], getattr(gl, _GL_DTYPES[out_dtype]))
+    c_desc = TensorDescriptor.from_tensor(c, [64, bn], c_layout)
+    r_desc = TensorDescriptor.from_tensor(residual, [64, bn], c_layout) if residual is not None else c_desc
+    res = 0 if residual is None else 1 if gate is not None else 2
+    seq = seq or m
+    per = per or seq
+    gate_args = (gate, gate.stride(0), gate.stride(1)) if res == 1 else (sx, 0, 0)
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn)
     grid = (min(tiles, _num_sms(a.device)),)   # persistent
-    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, sx, sw, bias if bias is not None else sx, m, n, k,
-                          sw.stride(0) if grouped else 0, HAS_BIAS=bias is not None, GROUPED=grouped,
-                          BLOCK_K=BLOCK_K, BN=bn, STAGES=stages_that_fit(grouped, out_dtype, stages),
-                          GROUP_M=group_m, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, r_desc, sx, sw, bias if bias is not None else sx, gate_args[0],
+                          m, n, k, sw.stride(0) if grouped else 0, seq, per, gate_args[1], gate_args[2],
+                          HAS_BIAS=bias is not None, GROUPED=grouped, BLOCK_K=BLOCK_K, BN=bn,
+                          STAGES=stages_that_fit(bn, out_dtype, stages), GROUP_M=group_m,
+                          CONSUMER_REGS=CONSUMER_REGS, ACT=act, RES=res, OUT_BYTES=esize, num_warps=4)
     return c
-
