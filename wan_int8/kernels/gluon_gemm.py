@@ -1,25 +1,28 @@
-"""Hopper INT8 GEMMs in Gluon, warp-specialised (experimental: not yet run on a GPU, not used by the dispatcher).
+"""Hopper INT8 GEMMs in Gluon, warp-specialised: the GEMM `triton_gemm.int8_gemm` runs on Hopper for M > 1024
+without LoRA (`triton_gemm._gluon_refusal` says when it does not).
 
-`y = sx[m] * sum_g sw[n, g] * (a[m, gK:(g+1)K] · b[n, gK:(g+1)K]) (+ bias)` for weights with one scale per
-K-group (`sw [N, K/g]`, g = 128): the contract of `triton_gemm.int8_gemm`'s group mode and of
-`quant.int8.int8_linear_reference`.
+`y = sx[m] * sw[n] * (a[m] · b[n]) (+ bias)` (row scales) or `sx[m] * sum_g sw[n, g] * (a[m, g] · b[n, g])`
+(group scales, one per 128-wide K-group), then the block epilogue (GELU; residual, gated or not): the contract of
+`quant.int8.int8_linear_reference` and `block_epilogue_reference`, operations in the Triton kernel's order.
 
-Why (runs 1-27, H100): the Triton group-scale GEMM runs 0.65-0.87x bf16 (target 1.3x).  Each K-group's int32
-partial must be converted to fp32 and folded with its scales on the CUDA cores, and in Triton that fold sits
-between the MMAs (the tensor cores wait); I2F has a fraction of the FMA throughput, and the exact magic-number
-conversion needs a second accumulator that spills at 128x256 tiles (run 3: slower).  Here a producer warpgroup streams A and B
-tiles by TMA (running ahead into a program's next tile while its consumers finish one: persistent grid) and two
-consumer warpgroups (64 rows each of a 128 x BLOCK_N tile) issue group g's wgmma
-asynchronously into a fresh int32 tile, fold group g-1's partial (magic-number int->float, exact since
-|partial| <= 128·127² < 2^22, then one FMA with the group's scales) while it runs, then wait.  Registers per
-consumer thread at BLOCK_N = 128: two int32 tiles and the fp32 sum, 3 x 64.
+Layout: a persistent grid; in each program one producer warpgroup streams A [128, 128] and B [BN, 128] tiles by
+TMA into a ring of stages (running ahead into the next tile while the consumers finish one), and two consumer
+warpgroups each own 64 rows of the 128 x BN tile.  Tiles are ordered in GROUP_M bands so a wave of programs
+shares its A and B tiles through L2.  Each consumer writes its tile through shared memory with one TMA store.
+- Row scales: 128x256 tiles (two N = 128 instructions: an int8 wgmma of N = 256 does not lower in Triton 3.6),
+  one int32 accumulator, one wgmma in flight, a stage released as the wgmma that read it retires.
+- Group scales: 128x128 tiles.  Group g's wgmma runs asynchronously into a fresh int32 tile while group g-1's
+  partial is folded on the CUDA cores (magic-number int->float, exact since |partial| <= 128·127² < 2^22, then
+  one FMA with the group's scales, loaded a step ahead); the loop alternates two tiles so no tile is copied.
+  The Triton kernel cannot overlap the fold with the MMAs.
+- Residual epilogues: 128-wide tiles; the residual tile comes by TMA into the consumer's output buffer.
 
-The same skeleton with row scales (`sw [N]`, one int32 accumulator, one wgmma in flight, 128x256 tiles as the
-Triton kernel's best) asks whether warp specialisation also pays for the plain GEMM (issue 3's 1.6x target).
-Both store each tile through shared memory with one TMA store per consumer.
+H100 (Triton 3.6, bench/RESULTS.md runs 35-39): row 1.75-2.15x bf16 GEMM alone at the Wan-14B shapes (the
+persistent Triton TMA kernel 1.51-1.59x); group 1.05-1.22x (the Triton kernel 0.69-0.85x whole linear).
 
 Checked by tests/test_gluon.py on a Hopper GPU (WAN_INT8_TEST_DEVICE=cuda) against float64; timed by
-`bench/linear.py --methods gluon_group128,gluongemm_group128,gluon_row,gluongemm_row`.
+`bench/linear.py` (op_*/raw_* go through the dispatcher; gluongemm_* call `ws_gemm` directly, with :s/:g
+suffixes for stages and GROUP_M).
 """
 from __future__ import annotations
 
