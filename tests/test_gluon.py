@@ -75,7 +75,7 @@ def test_ws_gemm_matches_float64(m, n, k, with_bias, group_m, grouped):
 def test_int8_gemm_takes_the_gluon_kernel_only_where_it_should():
     """The Triton GEMM's dispatcher: on a CPU (interpreter) a forced "gluon" variant is refused with the reason;
     on a Hopper GPU (Triton 3.6) a large-M row-scale call runs the Gluon plan and matches float64, a small-M
-    call and a LoRA call keep the Triton kernel."""
+    call and a call with an fp32 LoRA keep the Triton kernel."""
     from wan_int8.kernels import triton_gemm
     m = 1040 if DEVICE == "cuda" else 32
     a, b, sx, sw, bias = _operands(m, 256, 256, seed=5, device=DEVICE, grouped=False)
@@ -154,3 +154,55 @@ def test_int8_gemm_sends_block_epilogues_to_the_gluon_kernel():
     ref = block_epilogue_reference(y, 0, residual.double(), short.double(), 1024, 128)
     assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
     assert [type(p[0]).__name__ for p in triton_gemm._PLANS.values()].count("_GluonPlan") == 1
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["group128", "row"])
+@pytest.mark.parametrize("rank,act,res", [(16, 0, 0), (96, 0, 0), (64, 1, 1)], ids=["r16", "r96", "r64-gelu-gated"])
+def test_ws_gemm_lora_epilogue_matches_float64(rank, act, res, grouped):
+    """GPU (Hopper) only: `y += t · Bᵀ` (bf16 operands; 96 ranks = two 64-rank chunks, the second zero-filled past
+    R) after the bias and before GELU and the gated residual, against float64."""
+    from wan_int8.quant.int8 import gated_rows
+    m, n, k, seq = 1000, 384, 512, 500
+    a, b, sx, sw, bias = _operands(m, n, k, seed=31 + rank, device=DEVICE, grouped=grouped)
+    if gluon_gemm.unavailable(a, b, sw) is not None:
+        pytest.skip(gluon_gemm.unavailable(a, b, sw))
+    g = torch.Generator().manual_seed(rank)
+    lt = (torch.randn(m, rank, generator=g) * 1e-1).to(DEVICE, torch.bfloat16)
+    lb = (torch.randn(n, rank, generator=g) * 1e-1).to(DEVICE, torch.bfloat16)
+    y = _reference(a, b, sx, sw, bias) + lt.double() @ lb.double().t()
+    residual = gate = None
+    if act:
+        y = 0.5 * y * (1 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y ** 3)))
+    if res:
+        residual = torch.randn(m, n, generator=g).to(DEVICE)
+        gate = torch.randn(2, 1, n, generator=g).to(DEVICE)
+        y = residual.double() + y * gated_rows(gate.double(), m, seq, seq)
+    out = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.float32, act=act, residual=residual, gate=gate, seq=seq,
+                             lora_t=lt, lora_b=lb)
+    scale = y.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    assert ((out.double() - y).abs() / scale).max() < 1e-5
+
+
+def test_int8_gemm_sends_bf16_loras_to_the_gluon_kernel():
+    """GPU (Hopper) only: a bf16 rank-32 LoRA through `int8_gemm` runs a Gluon plan; a stacked rank of 192 (over
+    the Gluon epilogue's 128) keeps the Triton kernel; both match float64.  On a CPU: the reasons."""
+    from wan_int8.kernels import triton_gemm
+    if DEVICE == "cpu":
+        t = torch.zeros(4, 192, dtype=torch.bfloat16)
+        assert "at most 128" in gluon_gemm.lora_unsupported(t, torch.zeros(8, 192, dtype=torch.bfloat16))
+        assert "bf16 or fp16" in gluon_gemm.lora_unsupported(t.float(), torch.zeros(8, 192))
+        assert "TMA-loadable" in gluon_gemm.lora_unsupported(t[:, 1:25], torch.zeros(8, 24, dtype=torch.bfloat16))
+        return
+    m, n, k = 2048, 256, 256
+    a, b, sx, sw, bias = _operands(m, n, k, seed=41, device=DEVICE, grouped=False)
+    if gluon_gemm.unavailable(a, b, sw) is not None:
+        pytest.skip(gluon_gemm.unavailable(a, b, sw))
+    g = torch.Generator().manual_seed(5)
+    triton_gemm._PLANS.clear()
+    for rank in (32, 192):
+        lt = (torch.randn(m, rank, generator=g) * 1e-1).to(DEVICE, torch.bfloat16)
+        lb = (torch.randn(n, rank, generator=g) * 1e-1).to(DEVICE, torch.bfloat16)
+        out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32, lora_t=lt, lora_b=lb)
+        ref = _reference(a, b, sx, sw, bias) + lt.double() @ lb.double().t()
+        assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
+    assert [type(p[0]).__name__ for p in triton_gemm._PLANS.values()] == ["_GluonPlan", "Launcher"]

@@ -71,15 +71,18 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr, LORA_CH: gl.constexpr,
+                  LORA_BYTES: gl.constexpr):
         """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
         (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
-         gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg) = t
+         gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
+         l_ready, l_empty) = t
         step_bytes: gl.constexpr = (2 * 64 + BN) * BLOCK_K
         steps = K // BLOCK_K
         tiles_m = gl.cdiv(M, 2 * 64)
         tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps loaded so far by this program: the stage ring runs across tiles
+        n_done = 0                 # tiles loaded so far (the LoRA buffer's phase)
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
             for i in range(steps):
@@ -89,6 +92,15 @@ if gluon is not None:
                 tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(s), a_bufs.index(s))
                 tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], ready.index(s), b_bufs.index(s))
                 j += 1
+            if LORA_CH > 0:
+                # the tile's LoRA operands (t rows, B_cat rows), once the consumers are done with the previous
+                # tile's: issued after this tile's K steps, so the wait overlaps the consumers' K loop
+                mbarrier.wait(l_empty.index(0), (n_done & 1) ^ 1)
+                mbarrier.expect(l_ready.index(0), LORA_BYTES)
+                for c in gl.static_range(LORA_CH):
+                    tma.async_copy_global_to_shared(lt_desc, [off_m, c * 64], l_ready.index(0), lt_bufs.index(c))
+                    tma.async_copy_global_to_shared(lb_desc, [off_n, c * 64], l_ready.index(0), lb_bufs.index(c))
+            n_done += 1
 
     @gluon.jit
     def _fold(acc_f, part, sw):
@@ -203,10 +215,11 @@ if gluon is not None:
     @gluon.jit
     def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr, ACT: gl.constexpr,
-                  RES: gl.constexpr, OUT_BYTES: gl.constexpr):
+                  RES: gl.constexpr, OUT_BYTES: gl.constexpr, LORA_CH: gl.constexpr):
         """Rows [CID*64, CID*64 + 64) of each of the program's tiles."""
         (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
-         gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg) = t
+         gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
+         l_ready, l_empty) = t
         # (an int8 wgmma of N = 256 does not lower in Triton 3.6: 256-wide tiles are two N = 128 instructions)
         INSTR_N: gl.constexpr = 128 if BN > 128 else BN
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -216,6 +229,7 @@ if gluon is not None:
         tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps consumed so far by this program (the producer's counter)
         r_phase = 0
+        n_done = 0
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
             off_m += CID * 64
@@ -228,6 +242,20 @@ if gluon is not None:
             y = y * gl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
             if HAS_BIAS:
                 y = y + _columns(bias_ptr, off_n, N, layout, BN)[None, :]
+            if LORA_CH > 0:
+                # y += t · B_catᵀ on the tensor cores (16-bit operands, accumulated into y in fp32, as the
+                # Triton kernel's tl.dot(t, b, y)); ranks past R are TMA's zero fill
+                l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                   instr_shape=[16, INSTR_N, 16])
+                mbarrier.wait(l_ready.index(0), n_done & 1)
+                yl = gl.convert_layout(y, l_layout)
+                for c in gl.static_range(LORA_CH):
+                    yl = warpgroup_mma(lt_bufs.index(c).slice(CID * 64, 64), lb_bufs.index(c).permute((1, 0)), yl,
+                                       is_async=True)
+                yl = warpgroup_mma_wait(0, deps=(yl,))
+                mbarrier.arrive(l_empty.index(0), count=1)
+                y = gl.convert_layout(yl, layout)
+            n_done += 1
             if ACT == 1:
                 y = _gelu_tanh(y)
             # out through shared memory and one TMA store (it clips the M and N tails); the previous tile's store
@@ -253,11 +281,12 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _ws_gemm_kernel(a_desc, b_desc, c_desc, r_desc, sx_ptr, sw_ptr, bias_ptr, gate_ptr, M, N, K, stride_sw,
-                        SEQ, PER, stride_gb, stride_gg,
+    def _ws_gemm_kernel(a_desc, b_desc, c_desc, r_desc, lt_desc, lb_desc, sx_ptr, sw_ptr, bias_ptr, gate_ptr,
+                        M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg,
                         HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                        ACT: gl.constexpr, RES: gl.constexpr, OUT_BYTES: gl.constexpr):
+                        ACT: gl.constexpr, RES: gl.constexpr, OUT_BYTES: gl.constexpr, LORA_CH: gl.constexpr,
+                        LORA_BYTES: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)     # one per consumer
@@ -269,11 +298,25 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=2)
         for i in gl.static_range(2):
             mbarrier.init(rbar.index(i), count=1)
+        # LoRA operands: LORA_CH chunks of 64 ranks of t [128 rows] and B_cat [BN rows], one buffer per program
+        if LORA_CH > 0:
+            lt_bufs = gl.allocate_shared_memory(lt_desc.dtype, [LORA_CH, 2 * 64, 64], lt_desc.layout)
+            lb_bufs = gl.allocate_shared_memory(lb_desc.dtype, [LORA_CH, BN, 64], lb_desc.layout)
+        else:
+            lt_bufs = c_bufs      # unused
+            lb_bufs = c_bufs
+        l_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        l_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(l_ready.index(0), count=1)
+        mbarrier.init(l_empty.index(0), count=2)
         t = (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
-             gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg)
-        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES))],
+             gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
+             l_ready, l_empty)
+        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, LORA_CH, LORA_BYTES)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES,
+                                         LORA_CH)),
+                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES,
+                                         LORA_CH))],
                            [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
@@ -281,6 +324,7 @@ DEFAULT_STAGES = {NARROW_N: 4, WIDE_N: 3}   # shared memory: 4 x 32 KB + 2 x 16 
 # H100, M=32760, Wan-14B shapes: GROUP_M 16 ahead of 8 (1.88x vs 1.84x bf16, GEMM alone) and of 1 (1.63x)
 DEFAULT_GROUP_M = 16
 SHARED_LIMIT = 232448                  # bytes per block on sm_90
+MAX_LORA_RANK = 128                    # two 64-rank chunks of t and B_cat: 64 KB beside 4 stages of 128x128
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -288,12 +332,25 @@ def tile_width(grouped: bool, residual: bool) -> int:
     return NARROW_N if grouped or residual else WIDE_N
 
 
-def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = None) -> int:
-    """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages and the two consumers' output
-    tiles would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
+def lora_unsupported(lora_t: torch.Tensor, lora_b: torch.Tensor) -> Optional[str]:
+    """Why the Gluon GEMM cannot add this LoRA in its epilogue (None: it can)."""
+    r = lora_t.shape[1]
+    if lora_t.dtype not in (torch.bfloat16, torch.float16) or lora_b.dtype != lora_t.dtype:
+        return f"LoRA operands in {lora_t.dtype}/{lora_b.dtype} (the Gluon epilogue takes bf16 or fp16)"
+    if r > MAX_LORA_RANK:
+        return f"a stacked LoRA rank of {r} (the Gluon epilogue holds at most {MAX_LORA_RANK})"
+    for name, v in (("t", lora_t), ("B", lora_b)):
+        if v.stride(1) != 1 or (v.stride(0) * v.element_size()) % 16 or v.data_ptr() % 16:
+            return f"LoRA {name} is not TMA-loadable (unit stride along R, 16-byte aligned rows)"
+    return None
+
+
+def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = None, lora_bytes: int = 0) -> int:
+    """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages, the two consumers' output
+    tiles and the LoRA operands would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
     step = (BLOCK_M + bn) * BLOCK_K
     out_tiles = 2 * 64 * bn * torch.empty((), dtype=out_dtype).element_size()
-    fit = (SHARED_LIMIT - out_tiles - 1024) // step
+    fit = (SHARED_LIMIT - out_tiles - lora_bytes - 1024) // step
     return max(1, min(wanted or DEFAULT_STAGES[bn], fit))
 
 
@@ -301,13 +358,16 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
             bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
             stages: Optional[int] = None, group_m: int = DEFAULT_GROUP_M,
             out: Optional[torch.Tensor] = None, act: int = 0, residual: Optional[torch.Tensor] = None,
-            gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0) -> torch.Tensor:
+            gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0, lora_t: Optional[torch.Tensor] = None,
+            lora_b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N] (row) or [N, K/128] (group) fp32,
     bias [N] or None -> [M, N] in out_dtype (into `out`, contiguous, when given).
 
     Block epilogue as `triton_gemm.int8_gemm`'s (`quant.int8.block_epilogue_reference`): act 1 = GELU (tanh);
     `residual [M, N]` (out_dtype, contiguous) plus `y * gate[row]` (`gate [B, G, N]`, unit stride along N, every
     run of `per` tokens sharing a gate row at least 64 long) or plus `y`.
+    LoRA (`lora_t [M, R]`, `lora_b [N, R]`, bf16 or fp16, R <= 128, unit stride along R, 16-byte aligned rows):
+    `y += lora_t · lora_bᵀ` in fp32 after the bias, before the block epilogue, as `triton_gemm._lora_add`.
     Raises RuntimeError (with the reason) where it cannot run."""
     why = unavailable(a, b, sw)
     esize = torch.empty((), dtype=out_dtype).element_size()
@@ -320,12 +380,14 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     if why is None and residual is not None and (residual.dtype != out_dtype or not residual.is_contiguous()
                                                  or residual.shape != (a.shape[0], b.shape[0])):
         why = "the residual must be a contiguous [M, N] tensor of the output dtype (it is loaded by TMA)"
+    if why is None and lora_t is not None:
+        why = lora_unsupported(lora_t, lora_b)
     if why is not None:
         raise RuntimeError(f"Gluon GEMM: {why}")
     grouped = sw.dim() == 2
     m, k = a.shape
     n = b.shape[0]
-    bn = tile_width(grouped, residual is not None)
+    bn = tile_width(grouped, residual is not None or lora_t is not None)
     sw = sw.contiguous()
     c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=a.device)
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
@@ -334,15 +396,25 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     c_layout = gl.NVMMASharedLayout.get_default_for([64, bn], getattr(gl, _GL_DTYPES[out_dtype]))
     c_desc = TensorDescriptor.from_tensor(c, [64, bn], c_layout)
     r_desc = TensorDescriptor.from_tensor(residual, [64, bn], c_layout) if residual is not None else c_desc
+    lora_ch, lora_bytes = 0, 0
+    lt_desc = lb_desc = c_desc
+    if lora_t is not None:
+        ldt = getattr(gl, _GL_DTYPES[lora_t.dtype])
+        lora_ch = -(-lora_t.shape[1] // 64)
+        lora_bytes = lora_ch * (BLOCK_M + bn) * 64 * lora_t.element_size()
+        lt_desc = TensorDescriptor.from_tensor(lora_t, [BLOCK_M, 64],
+                                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], ldt))
+        lb_desc = TensorDescriptor.from_tensor(lora_b, [bn, 64], gl.NVMMASharedLayout.get_default_for([bn, 64], ldt))
     res = 0 if residual is None else 1 if gate is not None else 2
     seq = seq or m
     per = per or seq
     gate_args = (gate, gate.stride(0), gate.stride(1)) if res == 1 else (sx, 0, 0)
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn)
     grid = (min(tiles, _num_sms(a.device)),)   # persistent
-    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, r_desc, sx, sw, bias if bias is not None else sx, gate_args[0],
+    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, r_desc, lt_desc, lb_desc, sx, sw, bias if bias is not None else sx, gate_args[0],
                           m, n, k, sw.stride(0) if grouped else 0, seq, per, gate_args[1], gate_args[2],
                           HAS_BIAS=bias is not None, GROUPED=grouped, BLOCK_K=BLOCK_K, BN=bn,
-                          STAGES=stages_that_fit(bn, out_dtype, stages), GROUP_M=group_m,
-                          CONSUMER_REGS=CONSUMER_REGS, ACT=act, RES=res, OUT_BYTES=esize, num_warps=4)
+                          STAGES=stages_that_fit(bn, out_dtype, stages, lora_bytes), GROUP_M=group_m,
+                          CONSUMER_REGS=CONSUMER_REGS, ACT=act, RES=res, OUT_BYTES=esize, LORA_CH=lora_ch,
+                          LORA_BYTES=lora_bytes, num_warps=4)
     return c

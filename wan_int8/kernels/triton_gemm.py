@@ -22,7 +22,7 @@ Dispatch: one `@triton.jit` kernel; autotuned wrappers are built lazily per (arc
 group size, small-M) from short explicit config lists, keyed on (M bucket, N, K) where the M bucket is the
 next power of two of M, capped, so videos of different lengths do not re-tune.  `set_config_override`
 replaces every list (tests use one tiny config; the CPU interpreter is slow).  On Hopper, calls with M > 1024
-and no LoRA go to the warp-specialised Gluon GEMM (`gluon_gemm.py`, Triton 3.6) instead,
+go to the warp-specialised Gluon GEMM (`gluon_gemm.py`, Triton 3.6) instead,
 where it can take them (`_gluon_refusal`); it computes the same epilogue in the same order.
 """
 from __future__ import annotations
@@ -767,10 +767,10 @@ def _prune_configs(configs, named_args, **kwargs):
     return configs
 
 
-# Hopper, M > 1024, no LoRA: the warp-specialised Gluon GEMM (gluon_gemm.py) where it can run, block epilogues
-# (GELU, residual, gated residual) included.  H100 (Triton 3.6, M=32760, Wan-14B shapes, GEMM alone): 1.75-1.95x
-# bf16 where the persistent TMA kernel ran 1.51-1.59x; group scales 1.05-1.22x where the Triton kernel's whole
-# linear ran 0.69-0.79x (bench/RESULTS.md runs 35-37).  WAN_INT8_GEMM_GLUON=0 turns it off.
+# Hopper, M > 1024: the warp-specialised Gluon GEMM (gluon_gemm.py) where it can run, with the LoRA (bf16/fp16,
+# R <= 128) and the block epilogues (GELU, residual, gated residual).  H100 (Triton 3.6, M=32760, Wan-14B shapes,
+# GEMM alone): 1.75-1.95x bf16 where the persistent TMA kernel ran 1.51-1.59x; group scales 1.05-1.22x where the
+# Triton kernel's whole linear ran 0.69-0.79x (bench/RESULTS.md runs 35-39).  WAN_INT8_GEMM_GLUON=0 turns it off.
 GLUON_DEFAULT = os.environ.get("WAN_INT8_GEMM_GLUON", "1") == "1"
 _GLUON_LOGGED: set = set()
 
@@ -778,38 +778,41 @@ _GLUON_LOGGED: set = set()
 class _GluonPlan:
     """A plan entry running `gluon_gemm.ws_gemm` (same hot-path interface as `triton_launch.Launcher.keyed`)."""
 
-    def __init__(self, has_bias: bool, act: int, res_mode: int):
+    def __init__(self, has_bias: bool, act: int, res_mode: int, has_lora: bool):
         from .gluon_gemm import ws_gemm
         self.ws_gemm = ws_gemm
         self.has_bias = has_bias
         self.act = act
         self.res_mode = res_mode
+        self.has_lora = has_lora
 
     def keyed(self, spec, grid, args):
         a, b, c, sx, sw, bias = args[:6]
+        lora_t, lora_b = (args[17], args[18]) if self.has_lora else (None, None)
         if self.res_mode:
             residual, gate, seq, per = args[22], args[23] if self.res_mode == 1 else None, args[25], args[26]
         else:
             residual = gate = None
             seq = per = 0
         self.ws_gemm(a, b, sx, sw, bias if self.has_bias else None, c.dtype, out=c, act=self.act,
-                     residual=residual, gate=gate, seq=seq, per=per)
+                     residual=residual, gate=gate, seq=seq, per=per, lora_t=lora_t, lora_b=lora_b)
 
 
-def _gluon_refusal(a, b, c, sw, m, mode, lsig, epi, residual, res_flags) -> Optional[str]:
+def _gluon_refusal(a, b, c, sw, m, mode, lsig, epi, args, res_flags) -> Optional[str]:
     """None when the Gluon GEMM takes this call; else why not: "" for calls it is not meant for (off Hopper,
-    M <= 1024, tensor-wise scales, LoRA: nothing to log), the reason otherwise."""
-    if not GLUON_DEFAULT or m <= 1024 or _arch_cached(a.device) != "hopper":
+    M <= 1024, tensor-wise scales: nothing to log), the reason otherwise."""
+    if not GLUON_DEFAULT or m <= 1024 or _arch_cached(a.device) != "hopper" or mode == SW_TENSOR:
         return ""
-    if mode == SW_TENSOR or lsig is not None:
-        return ""            # tensor-wise scales and LoRA epilogues: the Triton kernel's features
-    from .gluon_gemm import unavailable
+    from .gluon_gemm import lora_unsupported, unavailable
     why = unavailable(a, b, sw)
     if why is None and not c.is_contiguous():
         why = "a strided output tensor"
     if why is None and (c.shape[1] * c.element_size()) % 16:
         why = f"N={c.shape[1]}: output rows not 16-byte aligned"
+    if why is None and lsig is not None:
+        why = lora_unsupported(args[17], args[18])
     if why is None and epi.get("RES"):
+        residual = args[22]
         if residual.dtype != c.dtype or not residual.is_contiguous() or not res_flags[0]:
             why = "a residual of another dtype than the output, or not contiguous and 16-byte aligned"
         elif epi["RES"] == 1 and not res_flags[1]:
@@ -824,11 +827,11 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsi
     arch = _arch_cached(a.device)
     k = a.shape[1]
     if variant == "gluon" or variant is None and config is None:
-        why = _gluon_refusal(a, b, c, args[4], m, mode, lsig, epi, args[22], res_flags)
+        why = _gluon_refusal(a, b, c, args[4], m, mode, lsig, epi, args, res_flags)
         if variant == "gluon" and why is not None:
-            raise ValueError(f"the Gluon GEMM cannot run this call: {why or 'not a Hopper call with M > 1024 without LoRA'}")
+            raise ValueError(f"the Gluon GEMM cannot run this call: {why or 'not a Hopper call with M > 1024'}")
         if why is None:
-            plan = _GluonPlan(has_bias, epi["ACT"], epi["RES"])
+            plan = _GluonPlan(has_bias, epi["ACT"], epi["RES"], lsig is not None)
             plan.keyed(None, None, args)
             return plan, 1, 1, False
         if why and why not in _GLUON_LOGGED:
