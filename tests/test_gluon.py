@@ -206,3 +206,30 @@ def test_int8_gemm_sends_bf16_loras_to_the_gluon_kernel():
         ref = _reference(a, b, sx, sw, bias) + lt.double() @ lb.double().t()
         assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
     assert [type(p[0]).__name__ for p in triton_gemm._PLANS.values()] == ["_GluonPlan", "Launcher"]
+
+
+def test_dispatcher_logs_once_why_a_hopper_call_keeps_the_triton_gemm(monkeypatch, caplog):
+    """CPU (interpreter) with the device taken for a Hopper GPU: a call the Gluon GEMM would take but cannot run
+    (here: its own check refuses) runs the Triton kernel, correct against float64, and the log says why once
+    for the two calls; a call it is not meant for (M <= 1024) logs nothing."""
+    import logging
+    from wan_int8.kernels import triton_gemm
+    if DEVICE != "cpu":
+        pytest.skip("the CPU check of the dispatcher's decision")
+    monkeypatch.setattr(triton_gemm, "_arch_cached", lambda device: "hopper")
+    monkeypatch.setattr(gluon_gemm, "unavailable", lambda a, b, sw: "Triton 9.9: the Gluon GEMM is tested with 3.6")
+    monkeypatch.setattr(triton_gemm, "_GLUON_LOGGED", set())
+    triton_gemm.set_config_override([dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4,
+                                          num_stages=1)])
+    try:
+        a, b, sx, sw, bias = _operands(1040, 32, 128, seed=7, grouped=False)
+        with caplog.at_level(logging.INFO, logger="wan_int8.kernels"):
+            out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32)
+            triton_gemm.int8_gemm(a, b[:16], sx, sw[:16], None, torch.float32)
+            triton_gemm.int8_gemm(a[:64], b, sx[:64], sw, None, torch.float32)
+    finally:
+        triton_gemm.set_config_override(None)
+    ref = _reference(a, b, sx, sw, bias)
+    assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
+    notes = [r.getMessage() for r in caplog.records if "Gluon" in r.getMessage()]
+    assert len(notes) == 1 and "Triton 9.9" in notes[0] and "the Triton kernel runs" in notes[0]
