@@ -57,7 +57,7 @@ METHODS = [
     "gluon_row",       # quantizer + the experimental warp-specialised Gluon GEMM (Hopper, Triton 3.6)
     "gluon_group128",
     "gluongemm_row",   # that GEMM alone (pre-quantized A)
-    "gluongemm_group128",   # gluon methods take ":s<stages>:g<GROUP_M>" suffixes (e.g. gluongemm_row:s3:g16)
+    "gluongemm_group128",   # gluon methods take :s<stages> :g<GROUP_M> :c<consumers> suffixes (gluongemm_row:s3:g16)
     "gemm_row",        # ours, GEMM + epilogue only (pre-quantized A)
     "quant_row",       # ours, quantizer only (ratio = its time / bf16 linear time)
     "quant_rot256",
@@ -255,12 +255,12 @@ def build(method, x, prep, cuda):
 
 
 def gluon_options(method):
-    """`gluongemm_row:s4:g16` -> dict(stages=4, group_m=16): the Gluon GEMM's knobs, for sweeps."""
-    names = {"s": "stages", "g": "group_m"}
+    """`gluongemm_group128:s4:g16:c3` -> dict(stages=4, group_m=16, consumers=3): the Gluon GEMM's knobs."""
+    names = {"s": "stages", "g": "group_m", "c": "consumers"}
     opts = {}
     for part in method.split(":")[1:]:
         if part[:1] not in names or not part[1:].isdigit():
-            raise ValueError(f"{method!r}: suffixes are :s<stages> and :g<GROUP_M>")
+            raise ValueError(f"{method!r}: suffixes are :s<stages>, :g<GROUP_M> and :c<consumers>")
         opts[names[part[0]]] = int(part[1:])
     return opts
 

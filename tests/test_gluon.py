@@ -70,6 +70,9 @@ def test_ws_gemm_matches_float64(m, n, k, with_bias, group_m, grouped):
     assert ((out.double() - ref).abs() / scale).max() < 1e-5
     out16 = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.bfloat16)
     assert ((out16.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * scale).all()
+    if grouped:   # the three-consumer variant (192-row tiles, three 64-row A loads per stage)
+        out3 = gluon_gemm.ws_gemm(a, b, sx, sw, bias, torch.float32, group_m=group_m, consumers=3)
+        assert ((out3.double() - ref).abs() / scale).max() < 1e-5
 
 
 def test_int8_gemm_takes_the_gluon_kernel_only_where_it_should():

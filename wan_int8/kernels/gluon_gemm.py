@@ -36,11 +36,11 @@ from .gluon_common import TensorDescriptor, gl, gluon, hopper_unavailable, mbarr
 from .gluon_common import fence_async_shared, warpgroup_mma_wait
 from .triton_gemm import _num_sms
 
-BLOCK_M = 128                 # two consumers x 64 rows
+BLOCK_M = 128                 # two consumers x 64 rows (three consumers: 192, see `ws_gemm`)
 WIDE_N, NARROW_N = 256, 128  # tile widths: row scales, or (narrow) group scales -- two int32 tiles and the fp32
                               # sum per consumer -- and residual epilogues (the residual tile beside y: spills)
 BLOCK_K = 128                 # = the group size
-CONSUMER_REGS = 232           # per consumer thread; the producer keeps 48
+CONSUMER_REGS = {2: 232, 3: 160}   # per consumer thread, by consumer count (the producer keeps the rest)
 
 
 def unavailable(a: torch.Tensor, b: torch.Tensor, sw: torch.Tensor) -> Optional[str]:
@@ -61,35 +61,40 @@ def unavailable(a: torch.Tensor, b: torch.Tensor, sw: torch.Tensor) -> Optional[
 if gluon is not None:
 
     @gluon.jit
-    def _tile_offsets(tile, tiles_m, tiles_n, BN: gl.constexpr, GROUP_M: gl.constexpr):
+    def _tile_offsets(tile, tiles_m, tiles_n, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
         """Row and column offsets of tile number `tile`: GROUP_M row tiles sweep N together, so a wave of
         programs shares its A and B tiles through L2 (a wave walking M alone streams all of A once per column)."""
         in_group = GROUP_M * tiles_n
         first_m = (tile // in_group) * GROUP_M
         size_m = gl.minimum(tiles_m - first_m, GROUP_M)
-        return (first_m + tile % size_m) * (2 * 64), ((tile % in_group) // size_m) * BN
+        return (first_m + tile % size_m) * BM, ((tile % in_group) // size_m) * BN
 
     @gluon.jit
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr, LORA_CH: gl.constexpr,
-                  LORA_BYTES: gl.constexpr):
+                  LORA_BYTES: gl.constexpr, NC: gl.constexpr):
         """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
         (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
          gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
          l_ready, l_empty) = t
-        step_bytes: gl.constexpr = (2 * 64 + BN) * BLOCK_K
+        step_bytes: gl.constexpr = (NC * 64 + BN) * BLOCK_K
         steps = K // BLOCK_K
-        tiles_m = gl.cdiv(M, 2 * 64)
+        tiles_m = gl.cdiv(M, NC * 64)
         tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps loaded so far by this program: the stage ring runs across tiles
         n_done = 0                 # tiles loaded so far (the LoRA buffer's phase)
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
+            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, NC * 64, BN, GROUP_M)
             for i in range(steps):
                 s = j % STAGES
                 mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), step_bytes)
-                tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(s), a_bufs.index(s))
+                if NC == 2:
+                    tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(s), a_bufs.index(s))
+                else:   # (shared buffers need power-of-two shapes: three 64-row tiles)
+                    for c in gl.static_range(NC):
+                        tma.async_copy_global_to_shared(a_desc, [off_m + c * 64, i * BLOCK_K], ready.index(s),
+                                                        a_bufs.index(s * NC + c))
                 tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], ready.index(s), b_bufs.index(s))
                 j += 1
             if LORA_CH > 0:
@@ -169,6 +174,31 @@ if gluon is not None:
         return acc_f, j
 
     @gluon.jit
+    def _group_tile_serial(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps,
+                           layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
+        """The group K loop for three consumers (registers for one int32 tile and the fp32 sum only): each
+        consumer folds group g after its wgmma, while the other consumers' wgmmas keep the tensor cores busy."""
+        col: gl.constexpr = gl.SliceLayout(0, layout)
+        flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs_f = off_n + gl.arange(0, BN, layout=flat)
+        f_ok = offs_f < N
+        sw_row = sw_ptr + offs_f * stride_sw
+        acc_f = gl.zeros([64, BN], gl.float32, layout)
+        sw_next = gl.load(sw_row, mask=f_ok, other=0.0)
+        for i in range(steps):
+            sw_cur = sw_next
+            sw_next = gl.load(sw_row + gl.minimum(i + 1, steps - 1), mask=f_ok, other=0.0)
+            s = j % STAGES
+            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+            tok = warpgroup_mma(a_bufs.index(s * 3 + CID), b_bufs.index(s).permute((1, 0)),
+                                gl.zeros([64, BN], gl.int32, layout), use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(0, deps=(tok,))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc_f = _fold(acc_f, part, gl.convert_layout(sw_cur, col))
+            j += 1
+        return acc_f, j
+
+    @gluon.jit
     def _row_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, off_n, N, steps,
                   layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
         """One tile's K loop with row scales: one int32 accumulator, one wgmma kept in flight; a stage is
@@ -215,7 +245,7 @@ if gluon is not None:
     @gluon.jit
     def _consumer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr, ACT: gl.constexpr,
-                  RES: gl.constexpr, OUT_BYTES: gl.constexpr, LORA_CH: gl.constexpr):
+                  RES: gl.constexpr, OUT_BYTES: gl.constexpr, LORA_CH: gl.constexpr, NC: gl.constexpr):
         """Rows [CID*64, CID*64 + 64) of each of the program's tiles."""
         (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
          gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
@@ -225,15 +255,18 @@ if gluon is not None:
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, INSTR_N, 32])
         steps = K // BLOCK_K
-        tiles_m = gl.cdiv(M, 2 * 64)
+        tiles_m = gl.cdiv(M, NC * 64)
         tiles_n = gl.cdiv(N, BN)
         j = 0                      # K steps consumed so far by this program (the producer's counter)
         r_phase = 0
         n_done = 0
         for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, BN, GROUP_M)
+            off_m, off_n = _tile_offsets(tile, tiles_m, tiles_n, NC * 64, BN, GROUP_M)
             off_m += CID * 64
-            if GROUPED:
+            if GROUPED and NC == 3:
+                y, j = _group_tile_serial(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps,
+                                          layout, STAGES, BN, CID)
+            elif GROUPED:
                 y, j = _group_tile(j, a_bufs, b_bufs, ready, empty, sw_ptr, stride_sw, off_n, N, steps, layout,
                                    STAGES, BN, CID)
             else:
@@ -286,21 +319,24 @@ if gluon is not None:
                         HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, BLOCK_K: gl.constexpr, BN: gl.constexpr,
                         STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                         ACT: gl.constexpr, RES: gl.constexpr, OUT_BYTES: gl.constexpr, LORA_CH: gl.constexpr,
-                        LORA_BYTES: gl.constexpr):
-        a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
+                        LORA_BYTES: gl.constexpr, NC: gl.constexpr):
+        if NC == 2:
+            a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 2 * 64, BLOCK_K], a_desc.layout)
+        else:
+            a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES * NC, 64, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BLOCK_K], b_desc.layout)
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)     # one per consumer
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [NC, 64, BN], c_desc.layout)    # one per consumer
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        rbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())    # residual tiles
+        rbar = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())   # residual tiles
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(2):
+            mbarrier.init(empty.index(i), count=NC)
+        for i in gl.static_range(NC):
             mbarrier.init(rbar.index(i), count=1)
         # LoRA operands: LORA_CH chunks of 64 ranks of t [128 rows] and B_cat [BN rows], one buffer per program
         if LORA_CH > 0:
-            lt_bufs = gl.allocate_shared_memory(lt_desc.dtype, [LORA_CH, 2 * 64, 64], lt_desc.layout)
+            lt_bufs = gl.allocate_shared_memory(lt_desc.dtype, [LORA_CH, NC * 64, 64], lt_desc.layout)
             lb_bufs = gl.allocate_shared_memory(lb_desc.dtype, [LORA_CH, BN, 64], lb_desc.layout)
         else:
             lt_bufs = c_bufs      # unused
@@ -308,16 +344,24 @@ if gluon is not None:
         l_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         l_empty = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
         mbarrier.init(l_ready.index(0), count=1)
-        mbarrier.init(l_empty.index(0), count=2)
+        mbarrier.init(l_empty.index(0), count=NC)
         t = (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
              gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
              l_ready, l_empty)
-        gl.warp_specialize([(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, LORA_CH, LORA_BYTES)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES,
-                                         LORA_CH)),
-                            (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES,
-                                         LORA_CH))],
-                           [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        # (the constexprs go to each partition by name: inside a tuple they would become run-time values)
+        if NC == 2:
+            gl.warp_specialize(
+                [(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, LORA_CH, LORA_BYTES, NC)),
+                 (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES, LORA_CH, NC)),
+                 (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES, LORA_CH, NC))],
+                [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        else:
+            gl.warp_specialize(
+                [(_producer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, LORA_CH, LORA_BYTES, NC)),
+                 (_consumer, (t, BLOCK_K, STAGES, BN, 0, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES, LORA_CH, NC)),
+                 (_consumer, (t, BLOCK_K, STAGES, BN, 1, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES, LORA_CH, NC)),
+                 (_consumer, (t, BLOCK_K, STAGES, BN, 2, HAS_BIAS, GROUPED, GROUP_M, ACT, RES, OUT_BYTES, LORA_CH, NC))],
+                [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
 DEFAULT_STAGES = {NARROW_N: 4, WIDE_N: 3}   # shared memory: 4 x 32 KB + 2 x 16 KB; 3 x 48 KB + 2 x 32 KB
@@ -345,11 +389,12 @@ def lora_unsupported(lora_t: torch.Tensor, lora_b: torch.Tensor) -> Optional[str
     return None
 
 
-def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = None, lora_bytes: int = 0) -> int:
-    """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages, the two consumers' output
-    tiles and the LoRA operands would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
-    step = (BLOCK_M + bn) * BLOCK_K
-    out_tiles = 2 * 64 * bn * torch.empty((), dtype=out_dtype).element_size()
+def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = None, lora_bytes: int = 0,
+                    consumers: int = 2) -> int:
+    """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages, the consumers' output tiles
+    and the LoRA operands would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
+    step = (consumers * 64 + bn) * BLOCK_K
+    out_tiles = consumers * 64 * bn * torch.empty((), dtype=out_dtype).element_size()
     fit = (SHARED_LIMIT - out_tiles - lora_bytes - 1024) // step
     return max(1, min(wanted or DEFAULT_STAGES[bn], fit))
 
@@ -359,7 +404,7 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
             stages: Optional[int] = None, group_m: int = DEFAULT_GROUP_M,
             out: Optional[torch.Tensor] = None, act: int = 0, residual: Optional[torch.Tensor] = None,
             gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0, lora_t: Optional[torch.Tensor] = None,
-            lora_b: Optional[torch.Tensor] = None) -> torch.Tensor:
+            lora_b: Optional[torch.Tensor] = None, consumers: Optional[int] = None) -> torch.Tensor:
     """a [M, K] int8 (per-token codes), b [N, K] int8, sx [M] fp32, sw [N] (row) or [N, K/128] (group) fp32,
     bias [N] or None -> [M, N] in out_dtype (into `out`, contiguous, when given).
 
@@ -368,6 +413,8 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     run of `per` tokens sharing a gate row at least 64 long) or plus `y`.
     LoRA (`lora_t [M, R]`, `lora_b [N, R]`, bf16 or fp16, R <= 128, unit stride along R, 16-byte aligned rows):
     `y += lora_t · lora_bᵀ` in fp32 after the bias, before the block epilogue, as `triton_gemm._lora_add`.
+    `consumers`: 2, or 3 (group scales without LoRA: 192x128 tiles, each consumer folding after its own wgmma);
+    default 3 for group scales without LoRA or block epilogue (run 42: 1.20-1.44x bf16 against 1.02-1.19x), else 2.
     Raises RuntimeError (with the reason) where it cannot run."""
     why = unavailable(a, b, sw)
     esize = torch.empty((), dtype=out_dtype).element_size()
@@ -382,6 +429,10 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
         why = "the residual must be a contiguous [M, N] tensor of the output dtype (it is loaded by TMA)"
     if why is None and lora_t is not None:
         why = lora_unsupported(lora_t, lora_b)
+    if consumers is None:
+        consumers = 3 if sw.dim() == 2 and lora_t is None and residual is None and not act else 2
+    if why is None and (consumers not in (2, 3) or (consumers == 3 and (sw.dim() != 2 or lora_t is not None))):
+        why = f"{consumers} consumers (2, or 3 with group scales and no LoRA)"
     if why is not None:
         raise RuntimeError(f"Gluon GEMM: {why}")
     grouped = sw.dim() == 2
@@ -390,8 +441,9 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     bn = tile_width(grouped, residual is not None or lora_t is not None)
     sw = sw.contiguous()
     c = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=a.device)
-    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
-                                          gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
+    bm = 64 * consumers
+    a_box = [bm if consumers == 2 else 64, BLOCK_K]
+    a_desc = TensorDescriptor.from_tensor(a, a_box, gl.NVMMASharedLayout.get_default_for(a_box, gl.int8))
     b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gl.int8))
     c_layout = gl.NVMMASharedLayout.get_default_for([64, bn], getattr(gl, _GL_DTYPES[out_dtype]))
     c_desc = TensorDescriptor.from_tensor(c, [64, bn], c_layout)
@@ -401,20 +453,19 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     if lora_t is not None:
         ldt = getattr(gl, _GL_DTYPES[lora_t.dtype])
         lora_ch = -(-lora_t.shape[1] // 64)
-        lora_bytes = lora_ch * (BLOCK_M + bn) * 64 * lora_t.element_size()
-        lt_desc = TensorDescriptor.from_tensor(lora_t, [BLOCK_M, 64],
-                                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, 64], ldt))
+        lora_bytes = lora_ch * (bm + bn) * 64 * lora_t.element_size()
+        lt_desc = TensorDescriptor.from_tensor(lora_t, [bm, 64], gl.NVMMASharedLayout.get_default_for([bm, 64], ldt))
         lb_desc = TensorDescriptor.from_tensor(lora_b, [bn, 64], gl.NVMMASharedLayout.get_default_for([bn, 64], ldt))
     res = 0 if residual is None else 1 if gate is not None else 2
     seq = seq or m
     per = per or seq
     gate_args = (gate, gate.stride(0), gate.stride(1)) if res == 1 else (sx, 0, 0)
-    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     grid = (min(tiles, _num_sms(a.device)),)   # persistent
-    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, r_desc, lt_desc, lb_desc, sx, sw, bias if bias is not None else sx, gate_args[0],
-                          m, n, k, sw.stride(0) if grouped else 0, seq, per, gate_args[1], gate_args[2],
+    _ws_gemm_kernel[grid](a_desc, b_desc, c_desc, r_desc, lt_desc, lb_desc, sx, sw, bias if bias is not None else sx,
+                          gate_args[0], m, n, k, sw.stride(0) if grouped else 0, seq, per, gate_args[1], gate_args[2],
                           HAS_BIAS=bias is not None, GROUPED=grouped, BLOCK_K=BLOCK_K, BN=bn,
-                          STAGES=stages_that_fit(bn, out_dtype, stages, lora_bytes), GROUP_M=group_m,
-                          CONSUMER_REGS=CONSUMER_REGS, ACT=act, RES=res, OUT_BYTES=esize, LORA_CH=lora_ch,
-                          LORA_BYTES=lora_bytes, num_warps=4)
+                          STAGES=stages_that_fit(bn, out_dtype, stages, lora_bytes, consumers), GROUP_M=group_m,
+                          CONSUMER_REGS=CONSUMER_REGS[consumers], ACT=act, RES=res, OUT_BYTES=esize,
+                          LORA_CH=lora_ch, LORA_BYTES=lora_bytes, NC=consumers, num_warps=4)
     return c
