@@ -1,28 +1,32 @@
 """Hopper INT8 GEMMs in Gluon, warp-specialised: the GEMM `triton_gemm.int8_gemm` runs on Hopper for M > 1024
-without LoRA (`triton_gemm._gluon_refusal` says when it does not).
+(`triton_gemm._gluon_refusal` says when it does not).
 
 `y = sx[m] * sw[n] * (a[m] · b[n]) (+ bias)` (row scales) or `sx[m] * sum_g sw[n, g] * (a[m, g] · b[n, g])`
-(group scales, one per 128-wide K-group), then the block epilogue (GELU; residual, gated or not): the contract of
-`quant.int8.int8_linear_reference` and `block_epilogue_reference`, operations in the Triton kernel's order.
+(group scales, one per 128-wide K-group), then the LoRA term `t · B_catᵀ` and the block epilogue (GELU; residual,
+gated or not): the contract of `quant.int8.int8_linear_reference` and `block_epilogue_reference`, operations in
+the Triton kernel's order.
 
-Layout: a persistent grid; in each program one producer warpgroup streams A [128, 128] and B [BN, 128] tiles by
-TMA into a ring of stages (running ahead into the next tile while the consumers finish one), and two consumer
-warpgroups each own 64 rows of the 128 x BN tile.  Tiles are ordered in GROUP_M bands so a wave of programs
+Layout: a persistent grid; in each program one producer warpgroup streams A [64·C, 128] and B [BN, 128] tiles by
+TMA into a ring of stages (running ahead into the next tile while the consumers finish one), and C consumer
+warpgroups each own 64 rows of the 64·C x BN tile.  Tiles are ordered in GROUP_M bands so a wave of programs
 shares its A and B tiles through L2.  Each consumer writes its tile through shared memory with one TMA store.
-- Row scales: 128x256 tiles (two N = 128 instructions: an int8 wgmma of N = 256 does not lower in Triton 3.6),
-  one int32 accumulator, one wgmma in flight, a stage released as the wgmma that read it retires.
-- Group scales: 128x128 tiles.  Group g's wgmma runs asynchronously into a fresh int32 tile while group g-1's
-  partial is folded on the CUDA cores (magic-number int->float, exact since |partial| <= 128·127² < 2^22, then
-  one FMA with the group's scales, loaded a step ahead); the loop alternates two tiles so no tile is copied.
-  The Triton kernel cannot overlap the fold with the MMAs.
-- Residual epilogues: 128-wide tiles; the residual tile comes by TMA into the consumer's output buffer.
+- Row scales: C = 2, 128x256 tiles (two N = 128 instructions: an int8 wgmma of N = 256 does not lower in Triton
+  3.6), one int32 accumulator, one wgmma in flight, a stage released as the wgmma that read it retires.
+- Group scales: each K-group's int32 partial is folded on the CUDA cores (magic-number int->float, exact since
+  |partial| <= 128·127² < 2^22, then one FMA with the group's scales, loaded a step ahead).  C = 3 (default
+  without LoRA or block epilogue): 192x128 tiles, one int32 tile per consumer, each folding after its own wgmma
+  while the others' wgmmas run.  C = 2: 128x128 tiles, group g's wgmma in flight while group g-1 is folded, the
+  loop alternating two int32 tiles so no tile is copied.  The tile size matters because the group loop is
+  bound by L2 bandwidth (see bench/RESULTS.md runs 42-43).
+- Residual and LoRA epilogues: 128-wide tiles; the residual tile comes by TMA into the consumer's output buffer;
+  the producer loads the LoRA operands (R <= 128) once per tile and each consumer adds them with a 16-bit wgmma.
 
-H100 (Triton 3.6, bench/RESULTS.md runs 35-39): row 1.75-2.15x bf16 GEMM alone at the Wan-14B shapes (the
-persistent Triton TMA kernel 1.51-1.59x); group 1.05-1.22x (the Triton kernel 0.69-0.85x whole linear).
+H100 (Triton 3.6, bench/RESULTS.md runs 35-44): row 1.75-2.15x bf16 GEMM alone at the Wan-14B shapes (the
+persistent Triton TMA kernel 1.51-1.59x); group 1.23-1.37x (the Triton kernel's whole linear 0.69-0.86x).
 
 Checked by tests/test_gluon.py on a Hopper GPU (WAN_INT8_TEST_DEVICE=cuda) against float64; timed by
-`bench/linear.py` (op_*/raw_* go through the dispatcher; gluongemm_* call `ws_gemm` directly, with :s/:g
-suffixes for stages and GROUP_M).
+`bench/linear.py` (op_*/raw_* go through the dispatcher; gluongemm_* call `ws_gemm` directly, with :s/:g/:c
+suffixes for stages, GROUP_M and consumers).
 """
 from __future__ import annotations
 

@@ -769,8 +769,8 @@ def _prune_configs(configs, named_args, **kwargs):
 
 # Hopper, M > 1024: the warp-specialised Gluon GEMM (gluon_gemm.py) where it can run, with the LoRA (bf16/fp16,
 # R <= 128) and the block epilogues (GELU, residual, gated residual).  H100 (Triton 3.6, M=32760, Wan-14B shapes,
-# GEMM alone): 1.75-1.95x bf16 where the persistent TMA kernel ran 1.51-1.59x; group scales 1.05-1.22x where the
-# Triton kernel's whole linear ran 0.69-0.79x (bench/RESULTS.md runs 35-39).  WAN_INT8_GEMM_GLUON=0 turns it off.
+# GEMM alone): 1.75-1.95x bf16 where the persistent TMA kernel ran 1.51-1.59x; group scales 1.23-1.37x where the
+# Triton kernel's whole linear ran 0.69-0.79x (bench/RESULTS.md runs 35-44).  WAN_INT8_GEMM_GLUON=0 turns it off.
 GLUON_DEFAULT = os.environ.get("WAN_INT8_GEMM_GLUON", "1") == "1"
 _GLUON_LOGGED: set = set()
 
