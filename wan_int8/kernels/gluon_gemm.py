@@ -127,6 +127,15 @@ if gluon is not None:
         return gl.convert_layout(v, gl.SliceLayout(0, layout))
 
     @gluon.jit
+    def _scale_rows(sw_ptr, stride_sw, off_n, N, BN: gl.constexpr):
+        """Pointers to the tile's group-scale rows (add the group index) and their mask, one column per thread:
+        the scales are spread to the accumulator's column layout after loading (a pointer per accumulator column
+        would hold 32 64-bit addresses per thread across the loop: spills)."""
+        flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        offs_f = off_n + gl.arange(0, BN, layout=flat)
+        return sw_ptr + offs_f * stride_sw, offs_f < N
+
+    @gluon.jit
     def _group_step(j, i, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f, part, sw_part,
                     layout: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr):
         """K step i: issue its wgmma into a fresh int32 tile, fold the previous group's `part` with its scales
@@ -153,12 +162,8 @@ if gluon is not None:
         compiler copied each finished tile out of the wgmma's registers (64 MOVs per step after the wait, run 35's
         SASS), serialised with the tensor cores."""
         col: gl.constexpr = gl.SliceLayout(0, layout)
-        # the group scales are loaded one per thread and then spread to the accumulator's column layout (a
-        # pointer per accumulator column would hold 32 64-bit addresses per thread across the loop: spills)
         flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        offs_f = off_n + gl.arange(0, BN, layout=flat)
-        f_ok = offs_f < N
-        sw_row = sw_ptr + offs_f * stride_sw
+        sw_row, f_ok = _scale_rows(sw_ptr, stride_sw, off_n, N, BN)
         acc_f = gl.zeros([64, BN], gl.float32, layout)
         # step 0: nothing to fold yet (a zero tile with zero scales)
         acc_f, tile_a, sw_a, j = _group_step(j, 0, a_bufs, b_bufs, ready, empty, sw_row, f_ok, acc_f,
@@ -183,10 +188,7 @@ if gluon is not None:
         """The group K loop for three consumers (registers for one int32 tile and the fp32 sum only): each
         consumer folds group g after its wgmma, while the other consumers' wgmmas keep the tensor cores busy."""
         col: gl.constexpr = gl.SliceLayout(0, layout)
-        flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        offs_f = off_n + gl.arange(0, BN, layout=flat)
-        f_ok = offs_f < N
-        sw_row = sw_ptr + offs_f * stride_sw
+        sw_row, f_ok = _scale_rows(sw_ptr, stride_sw, off_n, N, BN)
         acc_f = gl.zeros([64, BN], gl.float32, layout)
         sw_next = gl.load(sw_row, mask=f_ok, other=0.0)
         for i in range(steps):
@@ -398,7 +400,7 @@ def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = Non
     """The stage count: `wanted` (default DEFAULT_STAGES), less where the stages, the consumers' output tiles
     and the LoRA operands would not fit in shared memory (fp32 output of 256-wide tiles: 2 stages)."""
     step = (consumers * 64 + bn) * BLOCK_K
-    out_tiles = consumers * 64 * bn * torch.empty((), dtype=out_dtype).element_size()
+    out_tiles = consumers * 64 * bn * out_dtype.itemsize
     fit = (SHARED_LIMIT - out_tiles - lora_bytes - 1024) // step
     return max(1, min(wanted or DEFAULT_STAGES[bn], fit))
 
@@ -421,7 +423,7 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     default 3 for group scales without LoRA or block epilogue (run 42: 1.20-1.44x bf16 against 1.02-1.19x), else 2.
     Raises RuntimeError (with the reason) where it cannot run."""
     why = unavailable(a, b, sw)
-    esize = torch.empty((), dtype=out_dtype).element_size()
+    esize = out_dtype.itemsize
     if why is None and out_dtype not in _GL_DTYPES:
         why = f"output dtype {out_dtype}"
     if why is None and (b.shape[0] * esize) % 16:
