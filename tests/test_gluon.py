@@ -216,12 +216,13 @@ def test_dispatcher_logs_once_why_a_hopper_call_keeps_the_triton_gemm(monkeypatc
     (here: its own check refuses) runs the Triton kernel, correct against float64, and the log says why once
     for the two calls; a call it is not meant for (M <= 1024) logs nothing."""
     import logging
+    from wan_int8 import logs
     from wan_int8.kernels import triton_gemm
     if DEVICE != "cpu":
         pytest.skip("the CPU check of the dispatcher's decision")
     monkeypatch.setattr(triton_gemm, "_arch_cached", lambda device: "hopper")
     monkeypatch.setattr(gluon_gemm, "unavailable", lambda a, b, sw: "Triton 9.9: the Gluon GEMM is tested with 3.6")
-    monkeypatch.setattr(triton_gemm, "_GLUON_LOGGED", set())
+    monkeypatch.setattr(logs, "_LOGGED", set())
     triton_gemm.set_config_override([dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4,
                                           num_stages=1)])
     try:

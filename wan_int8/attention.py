@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .logs import log_once as _log_once
 
 log = logging.getLogger("wan_int8.attention")
 
@@ -117,16 +118,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[floa
 
 # -- dispatch ---------------------------------------------------------------------------------------------------------
 
-_LOGGED = set()
-_LOG_LOCK = threading.Lock()
-
-
 def log_once(key: str, level: int, msg: str, *args) -> None:
-    with _LOG_LOCK:
-        if key in _LOGGED:
-            return
-        _LOGGED.add(key)
-    log.log(level, msg, *args)
+    """`logs.log_once` on this module's logger."""
+    _log_once(key, level, msg, *args, logger=log.name)
 
 
 def unavailable_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:

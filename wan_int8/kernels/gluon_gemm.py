@@ -77,7 +77,8 @@ if gluon is not None:
     def _producer(t, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, CID: gl.constexpr,
                   HAS_BIAS: gl.constexpr, GROUPED: gl.constexpr, GROUP_M: gl.constexpr, LORA_CH: gl.constexpr,
                   LORA_BYTES: gl.constexpr, NC: gl.constexpr):
-        """A [128, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring."""
+        """A [64·NC, BLOCK_K] and B [BN, BLOCK_K] tiles of every K step into the stage ring (and the LoRA operands
+        once per tile)."""
         (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, rbar, sx_ptr, sw_ptr, bias_ptr,
          gate_ptr, M, N, K, stride_sw, SEQ, PER, stride_gb, stride_gg, lt_desc, lb_desc, lt_bufs, lb_bufs,
          l_ready, l_empty) = t

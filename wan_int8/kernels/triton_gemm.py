@@ -22,8 +22,8 @@ Dispatch: one `@triton.jit` kernel; autotuned wrappers are built lazily per (arc
 group size, small-M) from short explicit config lists, keyed on (M bucket, N, K) where the M bucket is the
 next power of two of M, capped, so videos of different lengths do not re-tune.  `set_config_override`
 replaces every list (tests use one tiny config; the CPU interpreter is slow).  On Hopper, calls with M > 1024
-go to the warp-specialised Gluon GEMM (`gluon_gemm.py`, Triton 3.6) instead,
-where it can take them (`_gluon_refusal`); it computes the same epilogue in the same order.
+go to the warp-specialised Gluon GEMM (`gluon_gemm.py`, Triton 3.6) where it can take them (`_gluon_refusal`);
+it computes the same epilogue in the same order.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..logs import log_once
 from .triton_launch import interpreting
 
 log = logging.getLogger("wan_int8.kernels")
@@ -772,7 +773,6 @@ def _prune_configs(configs, named_args, **kwargs):
 # GEMM alone): 1.75-1.95x bf16 where the persistent TMA kernel ran 1.51-1.59x; group scales 1.23-1.37x where the
 # Triton kernel's whole linear ran 0.69-0.79x (bench/RESULTS.md runs 35-44).  WAN_INT8_GEMM_GLUON=0 turns it off.
 GLUON_DEFAULT = os.environ.get("WAN_INT8_GEMM_GLUON", "1") == "1"
-_GLUON_LOGGED: set = set()
 
 
 class _GluonPlan:
@@ -834,9 +834,9 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsi
             plan = _GluonPlan(has_bias, epi["ACT"], epi["RES"], lsig is not None)
             plan.keyed(None, None, args)
             return plan, 1, 1, False
-        if why and why not in _GLUON_LOGGED:
-            _GLUON_LOGGED.add(why)
-            log.info("INT8 GEMM: the warp-specialised Gluon kernel is not used (%s); the Triton kernel runs", why)
+        if why:
+            log_once(f"gemm gluon: {why}", logging.INFO, "INT8 GEMM: the warp-specialised Gluon kernel is not used "
+                     "(%s); the Triton kernel runs", why, logger=log.name)
     if variant is None:
         variant = "ptr"
         if PERSISTENT_DEFAULT and arch == "hopper" and m > 1024 and mode != SW_GROUP \
