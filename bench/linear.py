@@ -54,7 +54,7 @@ METHODS = [
     "tri_row",         # as raw_, the GEMM pinned to the Triton kernel (persistent TMA; group: pointer kernel)
     "tri_rot256",
     "tri_group128",
-    "gluon_row",       # quantizer + the experimental warp-specialised Gluon GEMM (Hopper, Triton 3.6)
+    "gluon_row",       # quantizer + the warp-specialised Gluon GEMM called directly (Hopper, Triton 3.6)
     "gluon_group128",
     "gluongemm_row",   # that GEMM alone (pre-quantized A)
     "gluongemm_group128",   # gluon methods take :s<stages> :g<GROUP_M> :c<consumers> suffixes (gluongemm_row:s3:g16)
