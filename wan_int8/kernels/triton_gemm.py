@@ -830,12 +830,20 @@ def _first_call(a, b, c, args, m, n, mode, group, has_bias, variant, config, lsi
         why = _gluon_refusal(a, b, c, args[4], m, mode, lsig, epi, args, res_flags)
         if variant == "gluon" and why is not None:
             raise ValueError(f"the Gluon GEMM cannot run this call: {why or 'not a Hopper call with M > 1024'}")
+        level = logging.INFO
         if why is None:
             plan = _GluonPlan(has_bias, epi["ACT"], epi["RES"], lsig is not None)
-            plan.keyed(None, None, args)
-            return plan, 1, 1, False
+            try:
+                plan.keyed(None, None, args)
+                return plan, 1, 1, False
+            except Exception as exc:
+                from .triton_backend import _looks_like_compile_failure
+                if variant == "gluon" or not _looks_like_compile_failure(exc):
+                    raise
+                why = f"it failed to build: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                level = logging.WARNING
         if why:
-            log_once(f"gemm gluon: {why}", logging.INFO, "INT8 GEMM: the warp-specialised Gluon kernel is not used "
+            log_once(f"gemm gluon: {why}", level, "INT8 GEMM: the warp-specialised Gluon kernel is not used "
                      "(%s); the Triton kernel runs", why, logger=log.name)
     if variant is None:
         variant = "ptr"
