@@ -211,43 +211,48 @@ def test_int8_gemm_sends_bf16_loras_to_the_gluon_kernel():
     assert [type(p[0]).__name__ for p in triton_gemm._PLANS.values()] == ["_GluonPlan", "Launcher"]
 
 
-def test_dispatcher_logs_once_why_a_hopper_call_keeps_the_triton_gemm(monkeypatch, caplog):
-    """CPU (interpreter) with the device taken for a Hopper GPU: a call the Gluon GEMM would take but cannot run
-    (here: its own check refuses) runs the Triton kernel, correct against float64, and the log says why once
-    for the two calls; a call it is not meant for (M <= 1024) logs nothing."""
-    import logging
+@pytest.fixture
+def fake_hopper(monkeypatch):
+    """CPU (interpreter) only: the GEMM dispatcher takes the device for a Hopper GPU, the log-once registry starts
+    empty, and the Triton GEMM uses one small configuration.  Yields the `triton_gemm` module."""
     from wan_int8 import logs
     from wan_int8.kernels import triton_gemm
     if DEVICE != "cpu":
-        pytest.skip("the CPU check of the dispatcher's decision")
+        pytest.skip("a CPU check of the dispatcher")
     monkeypatch.setattr(triton_gemm, "_arch_cached", lambda device: "hopper")
-    monkeypatch.setattr(gluon_gemm, "unavailable", lambda a, b, sw: "Triton 9.9: the Gluon GEMM is tested with 3.6")
     monkeypatch.setattr(logs, "_LOGGED", set())
     triton_gemm.set_config_override([dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4,
                                           num_stages=1)])
-    try:
-        a, b, sx, sw, bias = _operands(1040, 32, 128, seed=7, grouped=False)
-        with caplog.at_level(logging.INFO, logger="wan_int8.kernels"):
-            out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32)
-            triton_gemm.int8_gemm(a, b[:16], sx, sw[:16], None, torch.float32)
-            triton_gemm.int8_gemm(a[:64], b, sx[:64], sw, None, torch.float32)
-    finally:
-        triton_gemm.set_config_override(None)
+    yield triton_gemm
+    triton_gemm.set_config_override(None)
+
+
+def _gluon_notes(caplog):
+    return [r for r in caplog.records if "Gluon" in r.getMessage()]
+
+
+def test_dispatcher_logs_once_why_a_hopper_call_keeps_the_triton_gemm(fake_hopper, monkeypatch, caplog):
+    """A call the Gluon GEMM would take but cannot run (here: its own check refuses) runs the Triton kernel,
+    correct against float64, and the log says why once for the two calls; a call it is not meant for
+    (M <= 1024) logs nothing."""
+    import logging
+    monkeypatch.setattr(gluon_gemm, "unavailable", lambda a, b, sw: "Triton 9.9: the Gluon GEMM is tested with 3.6")
+    a, b, sx, sw, bias = _operands(1040, 32, 128, seed=7, grouped=False)
+    with caplog.at_level(logging.INFO, logger="wan_int8.kernels"):
+        out = fake_hopper.int8_gemm(a, b, sx, sw, bias, torch.float32)
+        fake_hopper.int8_gemm(a, b[:16], sx, sw[:16], None, torch.float32)
+        fake_hopper.int8_gemm(a[:64], b, sx[:64], sw, None, torch.float32)
     ref = _reference(a, b, sx, sw, bias)
     assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
-    notes = [r.getMessage() for r in caplog.records if "Gluon" in r.getMessage()]
+    notes = [r.getMessage() for r in _gluon_notes(caplog)]
     assert len(notes) == 1 and "Triton 9.9" in notes[0] and "the Triton kernel runs" in notes[0]
 
 
-def test_a_gluon_build_failure_falls_back_to_the_triton_gemm_with_a_warning(monkeypatch, caplog):
-    """CPU (interpreter) with the device taken for a Hopper GPU that accepts the call: when the Gluon kernel fails
-    to build (a compiler error, e.g. an untested Triton), the call runs the Triton kernel, matches float64, and
-    the log warns once with the error; an error that is not a build failure propagates."""
+def test_a_gluon_build_failure_falls_back_to_the_triton_gemm_with_a_warning(fake_hopper, monkeypatch, caplog):
+    """With a device that accepts the call: when the Gluon kernel fails to build (a compiler error, e.g. an
+    untested Triton), the call runs the Triton kernel, matches float64, and the log warns once with the error;
+    an error that is not a build failure propagates."""
     import logging
-    from wan_int8 import logs
-    from wan_int8.kernels import triton_gemm
-    if DEVICE != "cpu":
-        pytest.skip("the CPU check of the dispatcher's fallback")
 
     class CompilationError(Exception):   # the name the backend's build-failure check looks for
         pass
@@ -255,22 +260,15 @@ def test_a_gluon_build_failure_falls_back_to_the_triton_gemm_with_a_warning(monk
     def broken(*args, **kwargs):
         raise CompilationError("at 12:3: unsupported layout")
 
-    monkeypatch.setattr(triton_gemm, "_arch_cached", lambda device: "hopper")
     monkeypatch.setattr(gluon_gemm, "unavailable", lambda a, b, sw: None)
     monkeypatch.setattr(gluon_gemm, "ws_gemm", broken)
-    monkeypatch.setattr(logs, "_LOGGED", set())
-    triton_gemm.set_config_override([dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4,
-                                          num_stages=1)])
-    try:
-        a, b, sx, sw, bias = _operands(1040, 32, 128, seed=9, grouped=False)
-        with caplog.at_level(logging.INFO, logger="wan_int8.kernels"):
-            out = triton_gemm.int8_gemm(a, b, sx, sw, bias, torch.float32)
-        monkeypatch.setattr(gluon_gemm, "ws_gemm", lambda *x, **y: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
-            triton_gemm.int8_gemm(a, b[:16], sx, sw[:16], None, torch.float32)
-    finally:
-        triton_gemm.set_config_override(None)
+    a, b, sx, sw, bias = _operands(1040, 32, 128, seed=9, grouped=False)
+    with caplog.at_level(logging.INFO, logger="wan_int8.kernels"):
+        out = fake_hopper.int8_gemm(a, b, sx, sw, bias, torch.float32)
+    monkeypatch.setattr(gluon_gemm, "ws_gemm", lambda *x, **y: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fake_hopper.int8_gemm(a, b[:16], sx, sw[:16], None, torch.float32)
     ref = _reference(a, b, sx, sw, bias)
     assert ((out.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max() < 1e-5
-    warned = [r for r in caplog.records if "Gluon" in r.getMessage()]
+    warned = _gluon_notes(caplog)
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "unsupported layout" in warned[0].getMessage()
