@@ -261,11 +261,11 @@ def test_a_gluon_build_failure_falls_back_to_the_triton_gemm_with_a_warning(fake
         raise CompilationError("at 12:3: unsupported layout")
 
     monkeypatch.setattr(gluon_gemm, "unavailable", lambda a, b, sw: None)
-    monkeypatch.setattr(gluon_gemm, "ws_gemm", broken)
+    monkeypatch.setattr(gluon_gemm, "launch", broken)
     a, b, sx, sw, bias = _operands(1040, 32, 128, seed=9, grouped=False)
     with caplog.at_level(logging.INFO, logger="wan_int8.kernels"):
         out = fake_hopper.int8_gemm(a, b, sx, sw, bias, torch.float32)
-    monkeypatch.setattr(gluon_gemm, "ws_gemm", lambda *x, **y: 1 / 0)
+    monkeypatch.setattr(gluon_gemm, "launch", lambda *x, **y: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         fake_hopper.int8_gemm(a, b[:16], sx, sw[:16], None, torch.float32)
     ref = _reference(a, b, sx, sw, bias)

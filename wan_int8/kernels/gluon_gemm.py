@@ -406,6 +406,30 @@ def stages_that_fit(bn: int, out_dtype: torch.dtype, wanted: Optional[int] = Non
     return max(1, min(wanted or DEFAULT_STAGES[bn], fit))
 
 
+def call_unsupported(a: torch.Tensor, b: torch.Tensor, sw: torch.Tensor, out_dtype: torch.dtype,
+                     out: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                     lora_t: Optional[torch.Tensor] = None, lora_b: Optional[torch.Tensor] = None) -> Optional[str]:
+    """Why `ws_gemm` cannot run this call (None: it can): the operands (`unavailable`), the output, the residual
+    and the LoRA.  `triton_gemm` asks once per call signature, then calls `launch`."""
+    why = unavailable(a, b, sw)
+    if why is None and out_dtype not in _GL_DTYPES:
+        why = f"output dtype {out_dtype}"
+    if why is None and (b.shape[0] * out_dtype.itemsize) % 16:
+        why = f"N={b.shape[0]}: output rows must be 16-byte aligned for the TMA store"
+    if why is None and out is not None and (not out.is_contiguous() or out.dtype != out_dtype):
+        why = "the output must be a contiguous tensor of the output dtype"
+    if why is None and residual is not None and (residual.dtype != out_dtype or not residual.is_contiguous()
+                                                 or residual.shape != (a.shape[0], b.shape[0])):
+        why = "the residual must be a contiguous [M, N] tensor of the output dtype (it is loaded by TMA)"
+    if why is None and lora_t is not None:
+        why = lora_unsupported(lora_t, lora_b)
+    return why
+
+
+def _default_consumers(sw: torch.Tensor, lora_t, residual, act: int) -> int:
+    return 3 if sw.dim() == 2 and lora_t is None and residual is None and not act else 2
+
+
 def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
             bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
             stages: Optional[int] = None, group_m: int = DEFAULT_GROUP_M,
@@ -423,25 +447,27 @@ def ws_gemm(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor
     `consumers`: 2, or 3 (group scales without LoRA: 192x128 tiles, each consumer folding after its own wgmma);
     default 3 for group scales without LoRA or block epilogue (run 42: 1.20-1.44x bf16 against 1.02-1.19x), else 2.
     Raises RuntimeError (with the reason) where it cannot run."""
-    why = unavailable(a, b, sw)
-    esize = out_dtype.itemsize
-    if why is None and out_dtype not in _GL_DTYPES:
-        why = f"output dtype {out_dtype}"
-    if why is None and (b.shape[0] * esize) % 16:
-        why = f"N={b.shape[0]}: output rows must be 16-byte aligned for the TMA store"
-    if why is None and out is not None and (not out.is_contiguous() or out.dtype != out_dtype):
-        why = "the output must be a contiguous tensor of the output dtype"
-    if why is None and residual is not None and (residual.dtype != out_dtype or not residual.is_contiguous()
-                                                 or residual.shape != (a.shape[0], b.shape[0])):
-        why = "the residual must be a contiguous [M, N] tensor of the output dtype (it is loaded by TMA)"
-    if why is None and lora_t is not None:
-        why = lora_unsupported(lora_t, lora_b)
+    why = call_unsupported(a, b, sw, out_dtype, out, residual, lora_t, lora_b)
     if consumers is None:
-        consumers = 3 if sw.dim() == 2 and lora_t is None and residual is None and not act else 2
+        consumers = _default_consumers(sw, lora_t, residual, act)
     if why is None and (consumers not in (2, 3) or (consumers == 3 and (sw.dim() != 2 or lora_t is not None))):
         why = f"{consumers} consumers (2, or 3 with group scales and no LoRA)"
     if why is not None:
         raise RuntimeError(f"Gluon GEMM: {why}")
+    return launch(a, b, sx, sw, bias, out_dtype, stages, group_m, out, act, residual, gate, seq, per, lora_t,
+                  lora_b, consumers)
+
+
+def launch(a: torch.Tensor, b: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
+           out_dtype: torch.dtype, stages: Optional[int] = None, group_m: int = DEFAULT_GROUP_M,
+           out: Optional[torch.Tensor] = None, act: int = 0, residual: Optional[torch.Tensor] = None,
+           gate: Optional[torch.Tensor] = None, seq: int = 0, per: int = 0, lora_t: Optional[torch.Tensor] = None,
+           lora_b: Optional[torch.Tensor] = None, consumers: Optional[int] = None) -> torch.Tensor:
+    """`ws_gemm` without its checks, for callers that made them (`call_unsupported`) once per call signature:
+    `triton_gemm`'s plans, on the hot path."""
+    if consumers is None:
+        consumers = _default_consumers(sw, lora_t, residual, act)
+    esize = out_dtype.itemsize
     grouped = sw.dim() == 2
     m, k = a.shape
     n = b.shape[0]

@@ -776,11 +776,12 @@ GLUON_DEFAULT = os.environ.get("WAN_INT8_GEMM_GLUON", "1") == "1"
 
 
 class _GluonPlan:
-    """A plan entry running `gluon_gemm.ws_gemm` (same hot-path interface as `triton_launch.Launcher.keyed`)."""
+    """A plan entry running the Gluon GEMM (same hot-path interface as `triton_launch.Launcher.keyed`): its checks
+    were made by `_gluon_refusal` for the call signature, so each call goes to `gluon_gemm.launch` directly."""
 
     def __init__(self, has_bias: bool, act: int, res_mode: int, has_lora: bool):
-        from .gluon_gemm import ws_gemm
-        self.ws_gemm = ws_gemm
+        from .gluon_gemm import launch
+        self.launch = launch
         self.has_bias = has_bias
         self.act = act
         self.res_mode = res_mode
@@ -794,8 +795,8 @@ class _GluonPlan:
         else:
             residual = gate = None
             seq = per = 0
-        self.ws_gemm(a, b, sx, sw, bias if self.has_bias else None, c.dtype, out=c, act=self.act,
-                     residual=residual, gate=gate, seq=seq, per=per, lora_t=lora_t, lora_b=lora_b)
+        self.launch(a, b, sx, sw, bias if self.has_bias else None, c.dtype, out=c, act=self.act,
+                    residual=residual, gate=gate, seq=seq, per=per, lora_t=lora_t, lora_b=lora_b)
 
 
 def _gluon_refusal(a, b, c, sw, m, mode, lsig, epi, args, res_flags) -> Optional[str]:
@@ -803,18 +804,12 @@ def _gluon_refusal(a, b, c, sw, m, mode, lsig, epi, args, res_flags) -> Optional
     M <= 1024, tensor-wise scales: nothing to log), the reason otherwise."""
     if not GLUON_DEFAULT or m <= 1024 or _arch_cached(a.device) != "hopper" or mode == SW_TENSOR:
         return ""
-    from .gluon_gemm import lora_unsupported, unavailable
-    why = unavailable(a, b, sw)
-    if why is None and not c.is_contiguous():
-        why = "a strided output tensor"
-    if why is None and (c.shape[1] * c.element_size()) % 16:
-        why = f"N={c.shape[1]}: output rows not 16-byte aligned"
-    if why is None and lsig is not None:
-        why = lora_unsupported(args[17], args[18])
+    from .gluon_gemm import call_unsupported
+    lora = (args[17], args[18]) if lsig is not None else (None, None)
+    why = call_unsupported(a, b, sw, c.dtype, c, args[22] if epi.get("RES") else None, *lora)
     if why is None and epi.get("RES"):
-        residual = args[22]
-        if residual.dtype != c.dtype or not residual.is_contiguous() or not res_flags[0]:
-            why = "a residual of another dtype than the output, or not contiguous and 16-byte aligned"
+        if not res_flags[0]:
+            why = "a residual whose rows are not 16-byte aligned (TMA)"
         elif epi["RES"] == 1 and not res_flags[1]:
             why = "gate rows shared by runs of fewer than 256 tokens"
     return why
