@@ -206,10 +206,11 @@ def _quantize_rotated(y: torch.Tensor, key: tuple):
 
 
 def residual_fusion_pays(x: torch.Tensor) -> bool:
-    """Whether the gated residual belongs in the GEMM epilogue: on Hopper at M > 1024 the GEMM is the persistent
-    TMA kernel, which loads the residual tile through a tensor descriptor per stored half (measured: costs the
-    GEMM nothing for a plain residual, saves the separate addcmul pass).  The pointer-load epilogue of the other
-    kernels made the GEMM slower than the pass it saves (H100, bench/fused_parts.py), so there it stays in torch."""
+    """Whether the gated residual belongs in the GEMM epilogue: on Hopper at M > 1024 the GEMM loads the residual
+    tile by TMA (the Gluon GEMM, or the persistent TMA Triton kernel per stored half; measured for the latter:
+    costs the GEMM nothing for a plain residual, saves the separate addcmul pass; the block runs with the former
+    in bench/RESULTS.md runs 39 and 41).  The pointer-load epilogue of the other kernels made the GEMM slower than
+    the pass it saves (H100, bench/fused_parts.py), so there it stays in torch."""
     if not x.is_cuda or x.shape[0] <= 1024:
         return False
     return torch.cuda.get_device_capability(x.device)[0] >= 9
